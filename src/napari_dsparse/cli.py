@@ -1,7 +1,8 @@
 """Command line: ``napari-dsparse demo|...``.
 
-Each subcommand parses its arguments, calls the Qt-free core (or, for ``demo``,
-opens napari) and turns the core's errors into a one-line message and exit code 2.
+Each subcommand parses its arguments and calls :mod:`napari_dsparse.workflows` (or,
+for ``demo``, opens napari); errors the user can fix (``InputError``) become a
+one-line message and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +14,38 @@ from collections.abc import Sequence
 from napari_dsparse import __version__
 
 
-class CliError(Exception):
-    """An error the user can fix; printed as one line, exit code 2."""
+def _run_train(args: argparse.Namespace) -> int:
+    from napari_dsparse.workflows import train_from_files
+
+    train_from_files(
+        args.image,
+        args.labels,
+        args.output,
+        seconds=args.seconds,
+        steps=args.steps,
+        preset=args.preset,
+        device=args.device,
+        seed=args.seed,
+        channel_axis=args.channel_axis,
+        report=print,
+    )
+    return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from napari_dsparse.workflows import predict_files
+
+    predict_files(
+        args.model,
+        args.images,
+        args.output,
+        probabilities=args.probabilities,
+        uncertainty=args.uncertainty,
+        device=args.device,
+        channel_axis=args.channel_axis,
+        report=print,
+    )
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -38,15 +69,69 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="open napari with the sample image, its scribbles and the widget"
     )
     demo.set_defaults(func=_run_demo)
+    _add_train_parser(commands)
+    _add_predict_parser(commands)
     return parser
+
+
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
+    from napari_dsparse.nets import DEFAULT_PRESET, PRESETS
+
+    train = commands.add_parser(
+        "train", help="train a model from an image and its painted labels"
+    )
+    train.add_argument("image", help="image file (.tif, .tiff, .npy, .png)")
+    train.add_argument("labels", help="labels: 0 unpainted, 1..K classes")
+    train.add_argument("--output", "-o", required=True, help="model file to write")
+    budget = train.add_mutually_exclusive_group()
+    budget.add_argument("--seconds", type=float, help="training time (default: 30 s)")
+    budget.add_argument("--steps", type=int, help="number of training steps")
+    train.add_argument(
+        "--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="network"
+    )
+    train.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_channel_axis(train)
+    train.set_defaults(func=_run_train)
+
+
+def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
+    predict = commands.add_parser("predict", help="apply a model to images")
+    predict.add_argument("model", help="model file written by 'train'")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        help="a .tif file for one image, a folder for several",
+    )
+    predict.add_argument(
+        "--probabilities", action="store_true", help="also write class probabilities"
+    )
+    predict.add_argument(
+        "--uncertainty", action="store_true", help="also write 1 - max probability"
+    )
+    predict.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best)")
+    _add_channel_axis(predict)
+    predict.set_defaults(func=_run_predict)
+
+
+def _add_channel_axis(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--channel-axis",
+        type=int,
+        help="axis of the channels (default: last axis of size 3 or 4 in 2D images)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``napari-dsparse`` console script."""
     args = build_parser().parse_args(argv)
+    from napari_dsparse.data import InputError
+
     try:
         return args.func(args)
-    except CliError as error:
+    except InputError as error:
         print(f"napari-dsparse {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

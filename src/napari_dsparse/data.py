@@ -1,0 +1,175 @@
+"""Images, labels and crops: everything between user arrays and network tensors.
+
+Conventions: an image is held as ``(C, Z, Y, X)`` (``Z = 1`` for 2D) in its own dtype
+and normalised window by window, so large images never need a float copy; labels are
+``(Z, Y, X)`` integers, 0 = unpainted, 1..K = classes. Volumes are handled slice by
+slice: the networks are 2D, each slice is predicted with its own 2D patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "InputError",
+    "Normalization",
+    "as_channels_first",
+    "check_image",
+    "check_labels",
+    "class_counts",
+    "class_weights",
+    "read_window",
+]
+
+
+class InputError(ValueError):
+    """Input the user must fix (wrong shape, no paint, NaN pixels, ...)."""
+
+
+def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.ndarray:
+    """View ``image`` as ``(C, Z, Y, X)`` without copying.
+
+    With ``channel_axis=None`` the layout is inferred as napari does for RGB: a 3D
+    array whose last axis has 3 or 4 entries is ``(Y, X, RGB[A])``; any other 2D or 3D
+    array is one channel (``(Y, X)`` or ``(Z, Y, X)``). Arrays of 4 dimensions need an
+    explicit ``channel_axis`` (the others are then ``Z, Y, X``).
+    """
+    if image.ndim == 3 and channel_axis is None and image.shape[-1] in (3, 4):
+        channel_axis = -1
+    if channel_axis is None:
+        if image.ndim not in (2, 3):
+            raise InputError(
+                f"cannot tell channels from space in an image of shape {image.shape}: "
+                "give the channel axis"
+            )
+        return image.reshape((1,) * (5 - image.ndim) + image.shape)[0]
+    moved = np.moveaxis(image, channel_axis, 0)
+    if moved.ndim == 3:
+        return moved[:, None]
+    if moved.ndim == 4:
+        return moved
+    raise InputError(f"expected 2D or 3D images with channels, got shape {image.shape}")
+
+
+def check_image(image: np.ndarray, min_size: int = 1) -> None:
+    """Raise ``InputError`` for NaN/Inf pixels, non-numeric data or tiny images."""
+    if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+        raise InputError(f"the image has non-numeric dtype {image.dtype}")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise InputError(
+            "the image contains NaN or infinite pixels; replace them first"
+        )
+    height, width = image.shape[-2:]
+    if min(height, width) < min_size:
+        raise InputError(
+            f"the image is {height} x {width} pixels; the model needs at least "
+            f"{min_size} x {min_size} (half its receptive field plus one)"
+        )
+
+
+def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    """Validate painted labels against the image; return them as ``(Z, Y, X)`` int64."""
+    if labels.shape not in (spatial_shape, spatial_shape[1:] * (spatial_shape[0] == 1)):
+        image_shape = spatial_shape[1:] if spatial_shape[0] == 1 else spatial_shape
+        raise InputError(
+            f"labels shape {labels.shape} differs from the image's {image_shape}"
+        )
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.isfinite(labels).all() or (labels != np.round(labels)).any():
+            raise InputError("labels must be whole numbers (0 unpainted, 1..K classes)")
+    elif not np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool:
+        raise InputError(f"labels have non-numeric dtype {labels.dtype}")
+    out = np.asarray(labels, dtype=np.int64)
+    if out.size and out.min() < 0:
+        raise InputError("labels must not be negative (0 unpainted, 1..K classes)")
+    return out.reshape((1,) * (3 - out.ndim) + out.shape)
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Painted pixels per class 1..K, shape ``(K,)``."""
+    counts = np.bincount(labels.ravel(), minlength=num_classes + 1)
+    return counts[1 : num_classes + 1]
+
+
+def class_weights(counts: np.ndarray) -> np.ndarray:
+    """Label-histogram equalisation: every painted class weighs the same in total.
+
+    ``w_k = N / (K_painted * n_k)`` for painted classes, 0 for unpainted ones, so the
+    weighted pixel counts are equal and sum to the number of painted pixels ``N``.
+    """
+    painted = counts > 0
+    weights = np.zeros(counts.shape, dtype=np.float64)
+    weights[painted] = counts.sum() / (painted.sum() * counts[painted])
+    return weights
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel affine map of robust percentiles ``low -> 0``, ``high -> 1``."""
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+    @classmethod
+    def from_image(
+        cls, image: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.8)
+    ) -> Normalization:
+        """Percentiles of each channel of a ``(C, Z, Y, X)`` image (subsampled)."""
+        sample = _subsample(image, 1_000_000).astype(np.float64)
+        low, high = np.percentile(sample.reshape(image.shape[0], -1), percentiles, 1)
+        high = np.where(high > low, high, low + 1.0)  # a constant channel maps to 0
+        return cls(tuple(map(float, low)), tuple(map(float, high)))
+
+    def apply(self, window: np.ndarray) -> np.ndarray:
+        """Normalise a ``(C, ...)`` window to float32."""
+        shape = (len(self.low),) + (1,) * (window.ndim - 1)
+        low = np.asarray(self.low, np.float32).reshape(shape)
+        scale = 1 / (np.asarray(self.high, np.float32).reshape(shape) - low)
+        return (window.astype(np.float32) - low) * scale
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"low": list(self.low), "high": list(self.high)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, list[float]]) -> Normalization:
+        return cls(tuple(values["low"]), tuple(values["high"]))
+
+
+def _subsample(image: np.ndarray, max_pixels: int) -> np.ndarray:
+    """A regular subsample with at most ``max_pixels`` pixels per channel."""
+    pixels = int(np.prod(image.shape[1:]))
+    step = max(1, int(np.ceil((pixels / max_pixels) ** (1 / (image.ndim - 1)))))
+    return np.asarray(
+        image[(slice(None),) + (slice(None, None, step),) * (image.ndim - 1)]
+    )
+
+
+def read_window(
+    image: np.ndarray,
+    normalization: Normalization,
+    z: int,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    halo: int,
+) -> np.ndarray:
+    """Normalised ``(C, h + 2 halo, w + 2 halo)`` window of slice ``z`` of ``image``.
+
+    Pixels beyond the image border are reflected exactly as
+    ``np.pad(whole_slice, halo, mode="reflect")`` would give them, so any window equals
+    the same region of the reflect-padded whole image.
+    """
+    height, width = image.shape[-2:]
+    (r0, r1), (c0, c1) = rows, cols
+    ra, rb = max(0, r0 - halo), min(height, r1 + halo)
+    ca, cb = max(0, c0 - halo), min(width, c1 + halo)
+    window = normalization.apply(np.asarray(image[:, z, ra:rb, ca:cb]))
+    pad = (
+        (0, 0),
+        (ra - (r0 - halo), (r1 + halo) - rb),
+        (ca - (c0 - halo), (c1 + halo) - cb),
+    )
+    if any(before or after for before, after in pad):
+        window = np.pad(window, pad, mode="reflect")
+    return window

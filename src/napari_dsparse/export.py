@@ -1,0 +1,127 @@
+"""Model files: one ``torch.save`` of plain data, loaded with ``weights_only=True``.
+
+The file holds the format version, the architecture (the preset's fields, so a model
+rebuilds identically even if presets change later), class names, normalisation,
+receptive field, training provenance and the ``state_dict``. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from napari_dsparse import __version__
+from napari_dsparse.data import InputError, Normalization
+from napari_dsparse.model import Classifier
+from napari_dsparse.nets import Preset, build_patch_net
+
+__all__ = ["FORMAT_VERSION", "ModelFileError", "load_classifier", "save_classifier"]
+
+FORMAT = "napari-dsparse model"
+FORMAT_VERSION = 1
+
+
+class ModelFileError(InputError):
+    """A model file that is missing, damaged or from a newer version."""
+
+
+def classifier_to_dict(classifier: Classifier) -> dict[str, Any]:
+    """Everything needed to rebuild ``classifier``, as plain data and tensors."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "preset": asdict(classifier.preset),
+        "in_channels": classifier.in_channels,
+        "class_names": list(classifier.class_names),
+        "normalization": classifier.normalization.to_dict(),
+        "patch_size": classifier.patch_size,
+        "provenance": dict(classifier.provenance),
+        "state_dict": {
+            k: v.detach().cpu() for k, v in classifier.patch_net.state_dict().items()
+        },
+    }
+
+
+def save_classifier(classifier: Classifier, path: str | os.PathLike) -> Path:
+    """Write ``classifier`` to ``path`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    payload = classifier_to_dict(classifier)
+    write_atomically(path, lambda temporary: torch.save(payload, temporary))
+    return path
+
+
+def write_atomically(path: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(temporary_path)`` next to ``path``, then rename it to ``path``."""
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
+    try:
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".part"
+        )
+    except OSError as error:
+        raise InputError(f"cannot write {path}: {error.strerror}") from error
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_classifier(
+    path: str | os.PathLike, device: torch.device | str = "cpu"
+) -> Classifier:
+    """Read a model file written by :func:`save_classifier`."""
+    payload = _read_payload(Path(path))
+    try:
+        spec = payload["preset"]
+        preset = Preset(
+            **{
+                **spec,
+                "filter_scales": tuple(spec["filter_scales"]),
+                "context_widths": tuple(spec["context_widths"]),
+            }
+        )
+        net = build_patch_net(
+            preset, payload["in_channels"], len(payload["class_names"])
+        )
+        net.load_state_dict(payload["state_dict"], strict=True)
+        classifier = Classifier(
+            preset,
+            int(payload["in_channels"]),
+            tuple(payload["class_names"]),
+            Normalization.from_dict(payload["normalization"]),
+            net,
+            provenance=dict(payload["provenance"]),
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ModelFileError(f"{path} is not a valid model file ({error})") from error
+    return classifier.to(device)
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelFileError(
+            f"{path} is not a readable model file (truncated or corrupt?)"
+        ) from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(f"{path} is not a napari-dsparse model file")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} was written by a newer napari-dsparse (model format "
+            f"{payload['format_version']}, this version reads up to {FORMAT_VERSION}); "
+            "upgrade napari-dsparse"
+        )
+    return payload

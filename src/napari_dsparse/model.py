@@ -1,0 +1,94 @@
+"""A trained pixel classifier: network, class names and input normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from napari_dsparse.data import Normalization
+from napari_dsparse.nets import DEFAULT_PRESET, PRESETS, Preset, build_patch_net
+from napari_dsparse.sparse import DenseNet, to_dense
+
+__all__ = ["Classifier", "pick_device"]
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """``requested`` if given, else CUDA, then Apple MPS, then the CPU."""
+    if requested and requested != "auto":
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("CUDA was requested but no CUDA GPU is available")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("MPS was requested but Apple MPS is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class Classifier:
+    """A patch network, its exact dense form and what is needed to apply it.
+
+    ``patch_net`` and ``dense`` share parameters: training one trains the other.
+    ``provenance`` holds plain data about training (steps, seed, version).
+    """
+
+    preset: Preset
+    in_channels: int
+    class_names: tuple[str, ...]
+    normalization: Normalization
+    patch_net: nn.Sequential
+    dense: DenseNet = field(init=False)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dense = to_dense(self.patch_net)
+
+    @classmethod
+    def create(
+        cls,
+        in_channels: int,
+        class_names: tuple[str, ...],
+        normalization: Normalization,
+        preset: Preset | str = DEFAULT_PRESET,
+        seed: int | None = None,
+    ) -> Classifier:
+        """A freshly initialised classifier (seeded if ``seed`` is given)."""
+        if isinstance(preset, str):
+            if preset not in PRESETS:
+                raise ValueError(
+                    f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}"
+                )
+            preset = PRESETS[preset]
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            net = build_patch_net(preset, in_channels, len(class_names))
+        return cls(preset, in_channels, tuple(class_names), normalization, net)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def halo(self) -> int:
+        return self.dense.halo
+
+    @property
+    def patch_size(self) -> int:
+        return self.dense.patch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.patch_net.parameters()).device
+
+    def to(self, device: torch.device | str) -> Classifier:
+        """Move the network to ``device`` in place; returns ``self``."""
+        self.patch_net.to(device)
+        return self

@@ -1,0 +1,157 @@
+"""Patch-classifier presets, built as ``nn.Sequential`` patch networks.
+
+Every preset starts with a fixed bank of multi-scale Gaussian-derivative filters (the
+features that ilastik-style pixel classifiers use; a grouped convolution, so the
+sparse-kernel conversion stays exact), then a 1 x 1 layer that mixes them per pixel,
+then strided 3 x 3 convolutions for context and a fully connected head. Strided
+convolutions (not max pooling) keep the centre pixel's position inside each cell, so
+thin structures one or two pixels wide stay separable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from napari_dsparse.sparse import DenseNet, to_dense
+
+__all__ = ["PRESETS", "Preset", "build_patch_net", "filter_bank", "macs_per_pixel"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Architecture of a patch classifier.
+
+    ``P`` and MACs per pixel follow from these numbers; ``describe_presets()`` lists
+    them as measured from the built networks.
+    """
+
+    name: str
+    filter_scales: tuple[float, ...]  # Gaussian sigmas of the fixed filter bank
+    filter_size: int  # odd support of the filter bank; covers about 2.5 sigma
+    mix_width: int  # channels of the per-pixel 1 x 1 layer and the first 3 x 3
+    context_widths: tuple[int, ...]  # one stride-2 3 x 3 convolution per entry
+    head_width: int  # hidden units of the fully connected head
+    summary: str
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            "fast",
+            filter_scales=(1.0, 2.0, 3.5),
+            filter_size=15,
+            mix_width=24,
+            context_widths=(32, 32),
+            head_width=64,
+            summary="default: live training on 2 CPU cores",
+        ),
+        Preset(
+            "wide",
+            filter_scales=(1.0, 2.0, 4.0),
+            filter_size=19,
+            mix_width=48,
+            context_widths=(64, 64, 64),
+            head_width=128,
+            summary="more context and capacity, for a GPU",
+        ),
+    )
+}
+DEFAULT_PRESET = "fast"
+
+_FINAL_MAP_SIDE = 3  # the head sees 3 x 3 cells of the coarsest stride
+_DERIVATIVE_ORDERS = ((0, 0), (0, 1), (1, 0), (0, 2), (1, 1), (2, 0))  # (dy, dx)
+
+
+def _gaussian_derivative_1d(sigma: float, order: int, size: int) -> torch.Tensor:
+    """Sampled derivative of a normalised Gaussian, scaled by ``sigma ** order``."""
+    x = torch.arange(size, dtype=torch.float64) - size // 2
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    g /= g.sum()
+    if order == 1:
+        g = -x / sigma**2 * g
+    elif order == 2:
+        g = (x**2 / sigma**4 - 1 / sigma**2) * g
+        g -= g.mean()  # second derivatives must not respond to a constant
+    return g * sigma**order
+
+
+def filter_bank(scales: tuple[float, ...], size: int) -> torch.Tensor:
+    """Identity plus six Gaussian derivatives per scale: ``(1 + 6 S, size, size)``."""
+    identity = torch.zeros(size, size, dtype=torch.float64)
+    identity[size // 2, size // 2] = 1.0
+    filters = [identity]
+    for sigma in scales:
+        for dy, dx in _DERIVATIVE_ORDERS:
+            gy = _gaussian_derivative_1d(sigma, dy, size)
+            gx = _gaussian_derivative_1d(sigma, dx, size)
+            filters.append(torch.outer(gy, gx))
+    return torch.stack(filters).float()
+
+
+def _fixed_filters(in_channels: int, preset: Preset) -> nn.Conv2d:
+    bank = filter_bank(preset.filter_scales, preset.filter_size)  # (F, k, k)
+    conv = nn.Conv2d(
+        in_channels,
+        in_channels * bank.shape[0],
+        preset.filter_size,
+        groups=in_channels,
+        bias=False,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(bank.repeat(in_channels, 1, 1).unsqueeze(1))
+    conv.weight.requires_grad_(False)
+    return conv
+
+
+def build_patch_net(
+    preset: Preset | str, in_channels: int, num_classes: int
+) -> nn.Sequential:
+    """The patch classifier of ``preset`` for the given inputs and classes."""
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    filters = _fixed_filters(in_channels, preset)
+    layers: list[nn.Module] = [
+        filters,
+        nn.Conv2d(filters.out_channels, preset.mix_width, 1),
+        nn.ReLU(),
+        nn.Conv2d(preset.mix_width, preset.mix_width, 3),
+        nn.ReLU(),
+    ]
+    width = preset.mix_width
+    for next_width in preset.context_widths:
+        layers += [nn.Conv2d(width, next_width, 3, stride=2), nn.ReLU()]
+        width = next_width
+    side = _FINAL_MAP_SIDE
+    layers += [
+        nn.Flatten(),
+        nn.Linear(width * side * side, preset.head_width),
+        nn.ReLU(),
+        nn.Linear(preset.head_width, num_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+def macs_per_pixel(patch_net: nn.Sequential) -> int:
+    """Multiply-accumulates per output pixel of the dense network."""
+    return sum(
+        module.weight.numel()
+        for module in patch_net.modules()
+        if isinstance(module, nn.Conv2d | nn.Linear)
+    )
+
+
+def describe_presets(in_channels: int = 1, num_classes: int = 2) -> list[str]:
+    """One line per preset: name, P, MACs per pixel and summary."""
+    lines = []
+    for preset in PRESETS.values():
+        net = build_patch_net(preset, in_channels, num_classes)
+        dense: DenseNet = to_dense(net)
+        macs = macs_per_pixel(net)
+        lines.append(
+            f"{preset.name}: P = {dense.patch_size}, {macs / 1e3:.0f} k MACs/pixel "
+            f"({in_channels} channel{'s' * (in_channels > 1)}); {preset.summary}"
+        )
+    return lines
