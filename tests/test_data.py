@@ -1,0 +1,109 @@
+"""Image layouts, label checks, class balancing, normalisation and windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_dsparse.data import (
+    InputError,
+    Normalization,
+    as_channels_first,
+    check_image,
+    check_labels,
+    class_counts,
+    class_weights,
+    read_window,
+)
+
+
+@pytest.mark.parametrize(
+    ("shape", "channel_axis", "expected"),
+    [
+        ((30, 40), None, (1, 1, 30, 40)),
+        ((30, 40, 3), None, (3, 1, 30, 40)),
+        ((5, 30, 40), None, (1, 5, 30, 40)),
+        ((2, 30, 40), 0, (2, 1, 30, 40)),
+        ((5, 30, 40, 2), -1, (2, 5, 30, 40)),
+    ],
+)
+def test_layouts_become_channels_first(shape, channel_axis, expected) -> None:
+    image = np.arange(np.prod(shape)).reshape(shape)
+    out = as_channels_first(image, channel_axis)
+    assert out.shape == expected
+    assert np.shares_memory(out, image)
+
+
+def test_rgb_channels_keep_their_values() -> None:
+    image = np.random.default_rng(0).integers(0, 255, (6, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(as_channels_first(image)[1, 0], image[..., 1])
+
+
+def test_four_dimensional_images_need_a_channel_axis() -> None:
+    with pytest.raises(InputError, match="channel axis"):
+        as_channels_first(np.zeros((2, 3, 4, 5)))
+
+
+def test_nan_pixels_are_rejected() -> None:
+    image = np.ones((1, 1, 8, 8), np.float32)
+    image[0, 0, 3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        check_image(image)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.zeros((9, 9), np.uint8), "differs"),
+        (np.full((8, 8), 0.5), "whole numbers"),
+        (np.full((8, 8), -1), "negative"),
+    ],
+)
+def test_bad_labels_are_rejected(labels, message) -> None:
+    with pytest.raises(InputError, match=message):
+        check_labels(labels, (1, 8, 8))
+
+
+def test_float_labels_with_whole_values_are_accepted() -> None:
+    labels = check_labels(np.full((8, 8), 2.0), (1, 8, 8))
+    assert labels.dtype == np.int64 and labels.shape == (1, 8, 8)
+
+
+def test_class_weights_equalise_the_label_histogram() -> None:
+    counts = class_counts(np.array([[0, 1, 1, 1], [1, 3, 0, 0]]), 3)
+    np.testing.assert_array_equal(counts, [4, 0, 1])
+    weights = class_weights(counts)
+    weighted = weights * counts
+    assert weights[1] == 0
+    np.testing.assert_allclose(weighted[[0, 2]], [2.5, 2.5])
+    assert weighted.sum() == pytest.approx(counts.sum())
+
+
+def test_normalisation_maps_percentiles_to_zero_and_one() -> None:
+    image = np.linspace(0, 1000, 10_000).reshape(1, 1, 100, 100)
+    norm = Normalization.from_image(image, percentiles=(10, 90))
+    out = norm.apply(image)
+    assert out.dtype == np.float32
+    assert np.percentile(out, 10) == pytest.approx(0, abs=1e-5)
+    assert np.percentile(out, 90) == pytest.approx(1, abs=1e-5)
+
+
+def test_constant_channels_do_not_divide_by_zero() -> None:
+    norm = Normalization.from_image(np.full((1, 1, 10, 10), 7.0))
+    assert np.isfinite(norm.apply(np.full((1, 5, 5), 7.0))).all()
+
+
+@pytest.mark.parametrize("halo", [0, 3, 11])
+def test_windows_equal_the_reflect_padded_whole_image(rng, halo) -> None:
+    image = rng.normal(size=(2, 2, 17, 23)).astype(np.float32)
+    norm = Normalization((0.0, -1.0), (1.0, 2.0))
+    for _ in range(20):
+        z = int(rng.integers(2))
+        r0, c0 = int(rng.integers(17)), int(rng.integers(23))
+        r1, c1 = int(rng.integers(r0 + 1, 18)), int(rng.integers(c0 + 1, 24))
+        whole = np.pad(
+            norm.apply(image[:, z]), ((0, 0), (halo,) * 2, (halo,) * 2), "reflect"
+        )
+        expected = whole[:, r0 : r1 + 2 * halo, c0 : c1 + 2 * halo]
+        window = read_window(image, norm, z, (r0, r1), (c0, c1), halo)
+        np.testing.assert_array_equal(window, expected)

@@ -1,0 +1,182 @@
+"""Masked, class-balanced training: what counts, what does not, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_dsparse.data import InputError, read_window
+from napari_dsparse.predict import predict_proba
+from napari_dsparse.train import (
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    iter_train,
+    masked_cross_entropy,
+)
+
+WHOLE = TrainConfig(augment=False, batch_size=64)  # whole-image steps for small images
+
+
+def _parameters(trainer: Trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer.classifier.patch_net.parameters()]
+
+
+def test_unpainted_logits_get_no_gradient(rng) -> None:
+    logits = torch.tensor(rng.normal(size=(2, 3, 5, 6)), requires_grad=True)
+    targets = torch.tensor(rng.integers(0, 4, (2, 5, 6)))
+    loss = masked_cross_entropy(logits, targets, torch.tensor([1.0, 2.0, 0.5]))
+    loss.backward()
+    unpainted = (targets == 0).unsqueeze(1).expand_as(logits)
+    assert logits.grad[unpainted].abs().max() == 0
+    assert logits.grad[~unpainted].abs().max() > 0
+
+
+def test_masked_loss_is_the_weighted_mean_over_painted_pixels() -> None:
+    logits = torch.zeros(1, 2, 1, 3)
+    targets = torch.tensor([[[0, 1, 2]]])
+    loss = masked_cross_entropy(logits, targets, torch.tensor([1.0, 3.0]))
+    assert loss.item() == pytest.approx(np.log(2))
+
+
+def test_pixels_outside_every_painted_patch_do_not_change_a_step(
+    make_classifier, gray_image, rng
+) -> None:
+    labels = np.zeros(gray_image.shape[2:], np.uint8)
+    labels[5, 5], labels[6, 8] = 1, 2  # patches reach at most row/col 5 + halo
+    changed = gray_image.copy()
+    changed[..., 30:, 30:] = rng.integers(0, 3000, changed[..., 30:, 30:].shape)
+    after = []
+    for image in (gray_image, changed):
+        classifier = make_classifier(gray_image)  # same normalisation for both
+        trainer = Trainer(classifier, image, labels, WHOLE)
+        trainer.step()
+        after.append(_parameters(trainer))
+    for a, b in zip(*after, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_crop_and_whole_image_losses_give_the_same_gradients(
+    make_classifier, gray_image, disc_labels
+) -> None:
+    classifier = make_classifier(gray_image)
+    net, norm, halo = classifier.dense, classifier.normalization, classifier.halo
+    params = [p for p in net.parameters() if p.requires_grad]
+    targets = torch.from_numpy(disc_labels.astype(np.int64))
+    weights = torch.tensor([1.0, 2.0])
+
+    def summed_loss(rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+        window = torch.from_numpy(read_window(gray_image, norm, 0, rows, cols, halo))
+        logits = net(window[None], valid=True)  # (1, K, h, w)
+        crop = targets[None, rows[0] : rows[1], cols[0] : cols[1]]
+        classes = (crop - 1).clamp(min=0)
+        per_pixel = F.cross_entropy(logits, classes, reduction="none")
+        return (per_pixel * weights[classes] * (crop > 0)).sum()
+
+    height, width = disc_labels.shape
+    whole = torch.autograd.grad(summed_loss((0, height), (0, width)), params)
+    crops = sum(
+        summed_loss((r, min(r + 16, height)), (c, min(c + 20, width)))
+        for r in range(0, height, 16)
+        for c in range(0, width, 20)
+    )
+    tiled = torch.autograd.grad(crops, params)
+    for a, b in zip(whole, tiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_step_mode_follows_the_cost(make_classifier, gray_image, disc_labels) -> None:
+    small = Trainer(make_classifier(gray_image), gray_image, disc_labels, TrainConfig())
+    assert small.choose_mode() == "whole"
+    big_image = np.zeros((1, 1, 400, 500), np.uint8)
+    big_labels = np.zeros((400, 500), np.uint8)
+    big_labels[10, 10], big_labels[300, 300] = 1, 2
+    big = Trainer(make_classifier(big_image), big_image, big_labels, TrainConfig())
+    assert big.choose_mode() == "crops"
+    side = 64 + 2 * big.classifier.halo
+    assert big.crop_batch().windows.shape == (8, 1, side, side)
+
+
+def test_training_is_deterministic_with_a_seed(
+    make_classifier, gray_image, disc_labels
+) -> None:
+    runs = []
+    for _ in range(2):
+        trainer = Trainer(
+            make_classifier(gray_image, seed=3),
+            gray_image,
+            disc_labels,
+            TrainConfig(seed=7, crop_size=24),
+        )
+        losses = [status.loss for status in iter_train(trainer, steps=4)]
+        runs.append((losses, _parameters(trainer)))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_new_label_snapshot_warm_starts(
+    make_classifier, gray_image, disc_labels
+) -> None:
+    first = disc_labels.copy()
+    first[first == 2] = 0
+    first[21, 30] = 2
+    trainer = Trainer(make_classifier(gray_image), gray_image, first, WHOLE)
+    steps = iter_train(trainer, steps=6)
+    statuses = [next(steps), next(steps)]
+    before = _parameters(trainer)
+    statuses.append(steps.send(disc_labels))
+    statuses += list(steps)
+    assert statuses[0].painted[1] == 1
+    assert statuses[2].painted[1] == int((disc_labels == 2).sum())
+    assert [s.step for s in statuses] == [1, 2, 3, 4, 5, 6]
+    assert statuses[2].labels_version == statuses[0].labels_version + 1
+    moved = [
+        (a - b).abs().max() for a, b in zip(before, _parameters(trainer), strict=True)
+    ]
+    assert max(moved) < 1.0  # continued from the trained weights, not reset
+
+
+def test_snapshots_are_copies(make_classifier, gray_image, disc_labels) -> None:
+    labels = disc_labels.copy()
+    trainer = Trainer(make_classifier(gray_image), gray_image, labels, WHOLE)
+    labels[:] = 0
+    assert trainer.counts.sum() > 0
+
+
+def test_no_painted_pixels_is_an_error(make_classifier, gray_image) -> None:
+    with pytest.raises(InputError, match="no painted pixels"):
+        Trainer(make_classifier(gray_image), gray_image, np.zeros((45, 52)), WHOLE)
+
+
+def test_divergence_is_reported(make_classifier, gray_image, disc_labels) -> None:
+    trainer = Trainer(
+        make_classifier(gray_image),
+        gray_image,
+        disc_labels,
+        TrainConfig(learning_rate=1e9),
+    )
+    with pytest.raises(TrainingDiverged, match="learning rate"):
+        for _ in iter_train(trainer, steps=50):
+            pass
+
+
+def test_the_model_learns_the_painted_image(
+    make_classifier, gray_image, disc_labels
+) -> None:
+    trainer = Trainer(
+        make_classifier(gray_image), gray_image, disc_labels, TrainConfig()
+    )
+    for _ in iter_train(trainer, steps=150):
+        pass
+    proba = predict_proba(trainer.classifier, gray_image)  # (K, 1, Y, X)
+    predicted = proba.argmax(axis=0)[0] + 1
+    painted = disc_labels > 0
+    assert (predicted[painted] == disc_labels[painted]).mean() == 1.0
+    rows, cols = np.mgrid[:45, :52]
+    inside = (rows - 22) ** 2 + (cols - 30) ** 2 < 8**2
+    outside = (rows - 22) ** 2 + (cols - 30) ** 2 > 16**2
+    assert (predicted[inside] == 2).mean() > 0.95
+    assert (predicted[outside] == 1).mean() > 0.95

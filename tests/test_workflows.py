@@ -1,0 +1,164 @@
+"""The command line's train and predict, end to end on files, and its errors."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_dsparse.cli import main
+from napari_dsparse.samples import coins_sample
+
+
+@pytest.fixture
+def files(tmp_path):
+    image, labels = coins_sample()
+    image, labels = image[:96, :128], labels[:96, :128]
+    labels[60:63, 40:60] = 2  # make sure both classes are painted in the crop
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    np.save(tmp_path / "labels.npy", labels)
+    return tmp_path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_then_predict_round_trip(files, capsys) -> None:
+    model = files / "model.pt"
+    code, out, _ = run(
+        capsys,
+        "train",
+        files / "image.tif",
+        files / "labels.npy",
+        "-o",
+        model,
+        "--steps",
+        "3",
+        "--seed",
+        "1",
+    )
+    assert code == 0 and "step" in out and model.is_file()
+    code, _, _ = run(
+        capsys,
+        "predict",
+        model,
+        files / "image.tif",
+        "-o",
+        files / "out.tif",
+        "--probabilities",
+        "--uncertainty",
+    )
+    assert code == 0
+    classes = tifffile.imread(files / "out.tif")
+    assert classes.shape == (96, 128) and set(np.unique(classes)) <= {1, 2}
+    assert tifffile.imread(files / "out_probabilities.tif").shape == (2, 96, 128)
+    assert tifffile.imread(files / "out_uncertainty.tif").shape == (96, 128)
+
+
+def test_predict_several_images_into_a_folder(files, capsys) -> None:
+    model = files / "model.pt"
+    run(
+        capsys,
+        "train",
+        files / "image.tif",
+        files / "labels.npy",
+        "-o",
+        model,
+        "--steps",
+        "1",
+    )
+    np.save(files / "second.npy", tifffile.imread(files / "image.tif")[:50, :70])
+    code, _, _ = run(
+        capsys,
+        "predict",
+        model,
+        files / "image.tif",
+        files / "second.npy",
+        "-o",
+        files / "results",
+    )
+    assert code == 0
+    assert tifffile.imread(files / "results" / "second.tif").shape == (50, 70)
+    assert (files / "results" / "image.tif").is_file()
+
+
+def _write(path, array):
+    if path.suffix == ".npy":
+        np.save(path, array)
+    else:
+        tifffile.imwrite(path, array)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("image", "labels", "message"),
+    [
+        ("missing.tif", "labels.npy", "does not exist"),
+        ("garbage.tif", "labels.npy", "cannot read"),
+        ("image.tif", "small.npy", "differs from the image"),
+        ("image.tif", "empty.npy", "no painted pixels|fewer than two"),
+        ("image.tif", "single.npy", "fewer than two classes"),
+        ("nan.tif", "nanlabels.npy", "NaN"),
+    ],
+)
+def test_bad_training_input_is_one_line_and_exit_2(
+    files, capsys, image, labels, message
+) -> None:
+    (files / "garbage.tif").write_bytes(b"not an image at all")
+    _write(files / "small.npy", np.zeros((5, 5), np.uint8))
+    _write(files / "empty.npy", np.zeros((96, 128), np.uint8))
+    single = np.zeros((96, 128), np.uint8)
+    single[3:6, 3:30] = 1
+    _write(files / "single.npy", single)
+    nan_image = np.ones((20, 20), np.float32)
+    nan_image[4, 4] = np.inf
+    _write(files / "nan.tif", nan_image)
+    nan_labels = np.zeros((20, 20), np.uint8)
+    nan_labels[1, 1], nan_labels[9, 9] = 1, 2
+    _write(files / "nanlabels.npy", nan_labels)
+    code, _, err = run(
+        capsys,
+        "train",
+        files / image,
+        files / labels,
+        "-o",
+        files / "m.pt",
+        "--steps",
+        "1",
+    )
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(message, err)
+    assert not (files / "m.pt").exists()
+
+
+def test_tiny_images_train_by_reflection(tmp_path, capsys) -> None:
+    image = np.random.default_rng(0).normal(size=(9, 11)).astype(np.float32)
+    labels = np.zeros((9, 11), np.uint8)
+    labels[1, 1], labels[7, 9] = 1, 2
+    _write(tmp_path / "tiny.tif", image)
+    _write(tmp_path / "tiny.npy", labels)
+    code, _, _ = run(
+        capsys,
+        "train",
+        tmp_path / "tiny.tif",
+        tmp_path / "tiny.npy",
+        "-o",
+        tmp_path / "m.pt",
+        "--steps",
+        "2",
+    )
+    assert code == 0
+
+
+def test_corrupt_model_for_predict(files, capsys) -> None:
+    (files / "bad.pt").write_bytes(b"\x00" * 100)
+    code, _, err = run(
+        capsys, "predict", files / "bad.pt", files / "image.tif", "-o", files / "o.tif"
+    )
+    assert code == 2 and "corrupt" in err and not (files / "o.tif").exists()
