@@ -88,6 +88,20 @@ class Classifier:
     def device(self) -> torch.device:
         return next(self.patch_net.parameters()).device
 
+    def with_classes(self, class_names: tuple[str, ...]) -> Classifier:
+        """A copy with more classes: learned weights kept, new outputs initialised."""
+        if len(class_names) < self.num_classes:
+            raise ValueError("a classifier can gain classes, not lose them")
+        grown = Classifier.create(
+            self.in_channels, class_names, self.normalization, self.preset
+        ).to(self.device)
+        new_state = grown.patch_net.state_dict()
+        for name, value in self.patch_net.state_dict().items():
+            new_state[name][: value.shape[0]] = value  # the head gains rows only
+        grown.patch_net.load_state_dict(new_state)
+        grown.provenance = dict(self.provenance)
+        return grown
+
     def to(self, device: torch.device | str) -> Classifier:
         """Move the network to ``device`` in place; returns ``self``."""
         self.patch_net.to(device)

@@ -1,0 +1,246 @@
+"""The live loop behind the napari widget, Qt-free.
+
+The GUI thread posts label snapshots and the visible region into a :class:`Mailbox`;
+:func:`iter_live` (run in a background worker) trains in short rounds and, after each
+round, yields :class:`PredictionUpdate` tiles: the visible region first, then the
+rest of the current slice. A new snapshot interrupts the predictions so that strokes
+show up in the next update without waiting for the whole image.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from napari_dsparse.data import Normalization
+from napari_dsparse.model import Classifier, pick_device
+from napari_dsparse.nets import DEFAULT_PRESET
+from napari_dsparse.predict import Box, iter_tiles, labels_and_uncertainty, predict_box
+from napari_dsparse.train import TrainConfig, Trainer, TrainStatus
+
+__all__ = [
+    "LiveSession",
+    "Mailbox",
+    "PredictionUpdate",
+    "Waiting",
+    "iter_live",
+]
+
+LIVE_TILE = 256  # output pixels per preview tile side: about 0.1 s on 2 CPU cores
+
+
+class Mailbox:
+    """Latest label snapshot and visible region, from the GUI thread to the worker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._labels: np.ndarray | None = None
+        self._view: Box | None = None
+        self._slice = 0
+        self.posted = 0  # snapshots posted so far; the version of the latest
+
+    def post_labels(self, labels: np.ndarray) -> int:
+        """Hand over a copy of ``labels``; returns its version number."""
+        snapshot = np.array(labels, copy=True)
+        with self._lock:
+            self._labels = snapshot
+            self.posted += 1
+            return self.posted
+
+    def take_labels(self) -> tuple[np.ndarray, int] | None:
+        """The latest snapshot not taken yet, with its version, or ``None``."""
+        with self._lock:
+            labels, self._labels = self._labels, None
+            return None if labels is None else (labels, self.posted)
+
+    def has_new_labels(self) -> bool:
+        with self._lock:
+            return self._labels is not None
+
+    def post_view(self, view: Box | None, current_slice: int = 0) -> None:
+        """The region on screen (``None``: unknown) and the slice being shown."""
+        with self._lock:
+            self._view, self._slice = view, current_slice
+
+    def view(self) -> tuple[Box | None, int]:
+        with self._lock:
+            return self._view, self._slice
+
+
+@dataclass(frozen=True)
+class PredictionUpdate:
+    """Classes 1..K and uncertainty of one box, from the model at ``step``."""
+
+    box: Box
+    classes: np.ndarray  # (h, w) uint8
+    uncertainty: np.ndarray  # (h, w) float32 in [0, 1]
+    step: int
+    labels_version: int
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Nothing to train on yet; ``reason`` says what the user should do."""
+
+    reason: str
+
+
+@dataclass
+class LiveSession:
+    """An image, its classes and the model being trained on it (Qt-free state).
+
+    ``image`` is ``(C, Z, Y, X)``. The classifier is created on the first snapshot
+    and kept across pauses; :meth:`reset` forgets it.
+    """
+
+    image: np.ndarray
+    class_names: tuple[str, ...]
+    preset: str = DEFAULT_PRESET
+    config: TrainConfig = field(default_factory=TrainConfig)
+    device: str | None = None
+    classifier: Classifier | None = None
+    trainer: Trainer | None = None
+    labels_version: int = 0
+    painted: bool = False  # whether the latest snapshot has any painted pixel
+
+    @property
+    def ready(self) -> bool:
+        """Whether there is a model and painted pixels to train on."""
+        return self.trainer is not None and self.painted
+
+    def set_labels(self, labels: np.ndarray, version: int) -> None:
+        """Train on ``labels`` from now on (warm start; grows classes if needed).
+
+        A snapshot without paint keeps the model and pauses training until strokes
+        come back.
+        """
+        self.labels_version = version
+        self.painted = bool((labels > 0).any())
+        if not self.painted:
+            return
+        num_classes = max(len(self.class_names), int(labels.max(initial=0)))
+        if num_classes > len(self.class_names):
+            extra = range(len(self.class_names) + 1, num_classes + 1)
+            self.class_names = (*self.class_names, *(f"class {k}" for k in extra))
+        if self.classifier is None:
+            self.classifier = self._new_classifier()
+        elif self.classifier.num_classes < num_classes:
+            self.classifier = self.classifier.with_classes(self.class_names)
+            self.trainer = None
+        if self.trainer is None:
+            self.trainer = Trainer(self.classifier, self.image, labels, self.config)
+        else:
+            self.trainer.set_labels(labels)
+
+    def _new_classifier(self) -> Classifier:
+        classifier = Classifier.create(
+            self.image.shape[0],
+            self.class_names,
+            Normalization.from_image(self.image),
+            preset=self.preset,
+            seed=self.config.seed,
+        )
+        return classifier.to(pick_device(self.device))
+
+    def reset(self) -> None:
+        """Forget the model; the next snapshot starts from a fresh network."""
+        self.classifier = None
+        self.trainer = None
+
+    def predict(self, box: Box) -> PredictionUpdate:
+        """Classes and uncertainty of ``box`` from the current model."""
+        assert self.classifier is not None and self.trainer is not None
+        proba = predict_box(self.classifier, self.image, box)  # (K, h, w)
+        classes, uncertainty = labels_and_uncertainty(proba)
+        return PredictionUpdate(
+            box, classes, uncertainty, self.trainer.steps_done, self.labels_version
+        )
+
+
+def preview_boxes(
+    shape: tuple[int, int, int], view: Box | None, z: int
+) -> Iterator[Box]:
+    """Tiles of the visible region of slice ``z``, then the rest of that slice."""
+    depth, height, width = shape
+    z = min(max(z, 0), depth - 1)
+    whole = Box(z, 0, height, 0, width)
+    if view is None:
+        yield from iter_tiles(shape, LIVE_TILE, whole)
+        return
+    view = Box(
+        z,
+        max(0, view.r0),
+        min(height, max(view.r1, view.r0 + 1)),
+        max(0, view.c0),
+        min(width, max(view.c1, view.c0 + 1)),
+    )
+    if view.r0 >= view.r1 or view.c0 >= view.c1:
+        yield from iter_tiles(shape, LIVE_TILE, whole)
+        return
+    yield from iter_tiles(shape, LIVE_TILE, view)
+    bands = (
+        Box(z, 0, view.r0, 0, width),
+        Box(z, view.r1, height, 0, width),
+        Box(z, view.r0, view.r1, 0, view.c0),
+        Box(z, view.r0, view.r1, view.c1, width),
+    )
+    for band in bands:
+        if band.r0 < band.r1 and band.c0 < band.c1:
+            yield from iter_tiles(shape, LIVE_TILE, band)
+
+
+def iter_live(
+    session: LiveSession,
+    mailbox: Mailbox,
+    round_seconds: float = 0.4,
+    rounds: int | None = None,
+) -> Generator[TrainStatus | PredictionUpdate | Waiting, None, None]:
+    """Train in rounds of ``round_seconds`` and stream predictions (forever by default).
+
+    Yields after every step and every tile, so a worker can quit promptly.
+    """
+    done = 0
+    while rounds is None or done < rounds:
+        if not _take_snapshot(session, mailbox):
+            yield Waiting("paint a few strokes of each class")
+            time.sleep(0.05)
+            continue
+        yield from _train_round(session, mailbox, round_seconds)
+        view, z = mailbox.view()
+        for box in preview_boxes(session.image.shape[1:], view, z):
+            if mailbox.has_new_labels():
+                break
+            yield session.predict(box)
+        done += 1
+
+
+def _take_snapshot(session: LiveSession, mailbox: Mailbox) -> bool:
+    """Apply the newest snapshot, if any; whether there is something to train on."""
+    posted = mailbox.take_labels()
+    if posted is not None:
+        session.set_labels(*posted)
+    return session.ready
+
+
+def _train_round(
+    session: LiveSession, mailbox: Mailbox, seconds: float
+) -> Iterator[TrainStatus]:
+    assert session.trainer is not None
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        tick = time.perf_counter()
+        loss, mode = session.trainer.step()
+        yield TrainStatus(
+            session.trainer.steps_done,
+            loss,
+            1 / max(time.perf_counter() - tick, 1e-9),
+            tuple(int(c) for c in session.trainer.counts),
+            mode,
+            session.labels_version,
+        )
+        if mailbox.has_new_labels() and _take_snapshot(session, mailbox):
+            start = time.perf_counter() - seconds / 2  # show the stroke soon

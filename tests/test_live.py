@@ -1,0 +1,112 @@
+"""The live loop without Qt: snapshots, rounds, preview order, growing classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from napari_dsparse.data import as_channels_first
+from napari_dsparse.live import (
+    LiveSession,
+    Mailbox,
+    PredictionUpdate,
+    Waiting,
+    iter_live,
+    preview_boxes,
+)
+from napari_dsparse.predict import Box, labels_and_uncertainty, predict_proba
+from napari_dsparse.train import TrainStatus
+
+
+def test_mailbox_hands_over_copies_with_versions() -> None:
+    mailbox = Mailbox()
+    labels = np.ones((3, 3), np.uint8)
+    assert mailbox.post_labels(labels) == 1
+    labels[:] = 7
+    taken, version = mailbox.take_labels()
+    assert version == 1 and (taken == 1).all()
+    assert mailbox.take_labels() is None and not mailbox.has_new_labels()
+
+
+def test_preview_covers_the_slice_once_with_the_view_first() -> None:
+    shape = (3, 600, 700)
+    view = Box(0, 100, 400, 50, 300)
+    boxes = list(preview_boxes(shape, view, 2))
+    covered = np.zeros(shape[1:], int)
+    for box in boxes:
+        assert box.z == 2
+        covered[box.r0 : box.r1, box.c0 : box.c1] += 1
+    assert (covered == 1).all()
+    first = boxes[0]
+    assert (first.r0, first.c0) == (100, 50)
+    in_view = boxes[:2]  # 300 x 250 in tiles of 256: two tiles
+    assert all(
+        b.r0 >= 100 and b.r1 <= 400 and b.c0 >= 50 and b.c1 <= 300 for b in in_view
+    )
+    assert sum((b.r1 - b.r0) * (b.c1 - b.c0) for b in in_view) == 300 * 250
+
+
+def _session(rng, classes=("bg", "fg")) -> tuple[LiveSession, np.ndarray]:
+    image = as_channels_first(rng.normal(size=(40, 50)).astype(np.float32))
+    labels = np.zeros((40, 50), np.uint8)
+    labels[2:4, 2:20], labels[30:33, 30:45] = 1, 2
+    return LiveSession(image, classes), labels
+
+
+def test_without_paint_the_loop_waits(rng) -> None:
+    session, labels = _session(rng)
+    mailbox = Mailbox()
+    mailbox.post_labels(np.zeros_like(labels))
+    assert isinstance(next(iter_live(session, mailbox)), Waiting)
+
+
+def test_a_round_trains_then_predicts_the_whole_slice(rng) -> None:
+    session, labels = _session(rng)
+    mailbox = Mailbox()
+    mailbox.post_labels(labels)
+    events = list(iter_live(session, mailbox, round_seconds=0.2, rounds=1))
+    statuses = [e for e in events if isinstance(e, TrainStatus)]
+    updates = [e for e in events if isinstance(e, PredictionUpdate)]
+    assert statuses and updates and isinstance(events[-1], PredictionUpdate)
+    assert statuses[-1].painted == (int((labels == 1).sum()), int((labels == 2).sum()))
+    whole = predict_proba(session.classifier, session.image)[:, 0]
+    expected, _ = labels_and_uncertainty(whole)
+    shown = np.zeros(labels.shape, np.uint8)
+    for update in updates:
+        box = update.box
+        shown[box.r0 : box.r1, box.c0 : box.c1] = update.classes
+    np.testing.assert_array_equal(shown, expected)
+
+
+def test_new_strokes_interrupt_the_preview(rng) -> None:
+    session, _ = _session(rng)
+    session.image = as_channels_first(rng.normal(size=(700, 700)).astype(np.float32))
+    big = np.zeros((700, 700), np.uint8)
+    big[5:8, 5:50], big[600:603, 600:650] = 1, 2
+    mailbox = Mailbox()
+    mailbox.post_labels(big)
+    loop = iter_live(session, mailbox, round_seconds=0.05)
+    event = next(loop)
+    while not isinstance(event, PredictionUpdate):
+        event = next(loop)
+    big[300:303, 300:340] = 2
+    mailbox.post_labels(big)
+    following = next(loop)
+    assert isinstance(following, TrainStatus)
+    assert following.painted[1] == int((big == 2).sum())
+
+
+def test_painting_a_new_class_grows_the_model(rng) -> None:
+    session, labels = _session(rng)
+    mailbox = Mailbox()
+    mailbox.post_labels(labels)
+    list(iter_live(session, mailbox, round_seconds=0.05, rounds=1))
+    head_before = session.classifier.patch_net[-1].weight.detach().clone()
+    labels[15:17, 10:30] = 3
+    mailbox.post_labels(labels)
+    list(iter_live(session, mailbox, round_seconds=0.05, rounds=1))
+    assert session.class_names == ("bg", "fg", "class 3")
+    head_after = session.classifier.patch_net[-1].weight.detach()
+    assert head_after.shape[0] == 3
+    assert not torch.equal(head_after[:2], torch.zeros_like(head_before))
+    assert session.trainer.counts.tolist()[2] == int((labels == 3).sum())
