@@ -1,27 +1,97 @@
 """The dock widget: layer pickers, settings and buttons, wired to the core.
 
-Only wiring lives here; computation is in the Qt-free core modules.
+Only wiring lives here. Training and prediction run in napari ``thread_worker``s over
+the Qt-free generators of :mod:`napari_dsparse.live`; this module copies layer data
+into snapshots, and writes the yielded tiles into the output layers on the GUI thread.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton
+import torch
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    PushButton,
+)
+from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QFileDialog
 
+from napari_dsparse.data import InputError, as_channels_first
+from napari_dsparse.export import load_classifier, save_classifier
+from napari_dsparse.live import (
+    LiveSession,
+    Mailbox,
+    PredictionUpdate,
+    Waiting,
+    iter_live,
+)
+from napari_dsparse.model import Classifier, pick_device
+from napari_dsparse.nets import DEFAULT_PRESET, PRESETS
+from napari_dsparse.predict import (
+    DEFAULT_TILE,
+    Box,
+    iter_tiles,
+    labels_and_uncertainty,
+    predict_box,
+)
 from napari_dsparse.samples import CLASS_NAMES
+from napari_dsparse.train import TrainConfig, TrainStatus
+
+UPDATE_ONCE_SECONDS = 2.0
+PREDICTION_SUFFIX = " prediction"
+UNCERTAINTY_SUFFIX = " uncertainty"
+
+
+def _spatial_shape(image: napari.layers.Image) -> tuple[int, ...]:
+    return image.data.shape[:-1] if image.rgb else image.data.shape
+
+
+def _layer_geometry(image: napari.layers.Image) -> dict:
+    ndim = len(_spatial_shape(image))
+    return {"scale": image.scale[:ndim], "translate": image.translate[:ndim]}
 
 
 def _scribble_layer_like(image: napari.layers.Image) -> napari.layers.Labels:
     """An empty Labels layer covering ``image`` (same shape, scale and translate)."""
-    shape = image.data.shape[:-1] if image.rgb else image.data.shape
     return napari.layers.Labels(
-        np.zeros(shape, dtype=np.uint8),
+        np.zeros(_spatial_shape(image), dtype=np.uint8),
         name=f"{image.name} scribbles",
-        scale=image.scale[: len(shape)],
-        translate=image.translate[: len(shape)],
         metadata={"class_names": list(CLASS_NAMES)},
+        **_layer_geometry(image),
     )
+
+
+def image_array(image: napari.layers.Image) -> np.ndarray:
+    """The layer's pixels as ``(C, Z, Y, X)``: RGB as channels, 3D as a stack."""
+    data = np.asarray(image.data)
+    if image.rgb:
+        return as_channels_first(data[..., :3], channel_axis=-1)
+    if data.ndim not in (2, 3):
+        raise InputError(
+            f"{image.name!r} has {data.ndim} dimensions; pick a 2D image, an RGB "
+            "image or a 3D stack"
+        )
+    return as_channels_first(data[..., None], channel_axis=-1)
+
+
+def _device_choices() -> list[str]:
+    choices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        choices.append("cuda")
+    if torch.backends.mps.is_available():
+        choices.append("mps")
+    return choices
 
 
 class DsparseWidget(Container):
@@ -29,49 +99,479 @@ class DsparseWidget(Container):
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self._viewer = viewer
+        self._alive = True  # False once Qt has deleted the widget
+        self._session: LiveSession | None = None
+        self._session_image: napari.layers.Image | None = None  # the session's layer
+        self._mailbox = Mailbox()
+        self._worker: GeneratorWorker | None = None
+        self._watched: napari.layers.Labels | None = None
+        # napari emits ``paint`` before writing the last change: snapshot a moment
+        # later, once per burst of events.
+        self._snapshot_timer = QTimer()
+        self._snapshot_timer.setSingleShot(True)
+        self._snapshot_timer.setInterval(0)
+        self._snapshot_timer.timeout.connect(self._post_labels)
+        self._build_controls()
+        super().__init__(widgets=self._controls())
+        self._connect()
+        self._select_defaults()
+
+    # -- construction ---------------------------------------------------------
+
+    def _build_controls(self) -> None:
         self.image_picker = ComboBox(label="image", choices=self._image_layers)
         self.scribble_picker = ComboBox(label="scribbles", choices=self._label_layers)
         self.add_scribbles_button = PushButton(text="Add scribble layer")
         self.class_names = LineEdit(label="classes", value=", ".join(CLASS_NAMES))
-        self.status = Label(value="Paint a few strokes per class.")
-        super().__init__(
-            widgets=[
-                self.image_picker,
-                self.scribble_picker,
-                self.add_scribbles_button,
-                self.class_names,
-                self.status,
-            ]
+        self.preset = ComboBox(label="network", choices=list(PRESETS))
+        self.preset.value = DEFAULT_PRESET
+        self.device = ComboBox(label="device", choices=_device_choices())
+        self.learning_rate = FloatSpinBox(
+            label="learning rate", value=1e-3, min=1e-5, max=0.1, step=1e-4
         )
+        self.train_button = PushButton(text="Train")
+        self.update_button = PushButton(text="Update once")
+        self.reset_button = PushButton(text="Reset model")
+        self.predict_all_button = PushButton(text="Predict all slices")
+        self.export_button = PushButton(text="Export model…")
+        self.load_button = PushButton(text="Load model…")
+        self.apply_picker = ComboBox(label="apply to", choices=self._image_layers)
+        self.apply_button = PushButton(text="Apply to layer…")
+        self.status = Label(value="Paint a few strokes per class, then Train.")
+
+    def _controls(self) -> list:
+        return [
+            self.image_picker,
+            self.scribble_picker,
+            self.add_scribbles_button,
+            self.class_names,
+            self.preset,
+            self.device,
+            self.learning_rate,
+            Container(
+                widgets=[self.train_button, self.update_button, self.reset_button],
+                layout="horizontal",
+                labels=False,
+            ),
+            self.predict_all_button,
+            Container(
+                widgets=[self.export_button, self.load_button],
+                layout="horizontal",
+                labels=False,
+            ),
+            self.apply_picker,
+            self.apply_button,
+            self.status,
+        ]
+
+    def _connect(self) -> None:
         self.add_scribbles_button.changed.connect(self._add_scribble_layer)
-        self._select_defaults()
+        self.train_button.changed.connect(self._toggle_training)
+        self.update_button.changed.connect(self._update_once)
+        self.reset_button.changed.connect(self._reset_model)
+        self.predict_all_button.changed.connect(self._predict_all_slices)
+        self.export_button.changed.connect(self._ask_export)
+        self.load_button.changed.connect(self._ask_load)
+        self.apply_button.changed.connect(self._apply_to_picked_layer)
+        self.image_picker.changed.connect(self._on_image_changed)
+        self.scribble_picker.changed.connect(self._on_image_changed)
+        self.class_names.changed.connect(self._on_class_names_changed)
+        self.preset.changed.connect(self._on_network_changed)
+        self.device.changed.connect(self._on_network_changed)
+        self._viewer.layers.events.removed.connect(self._on_layer_removed)
+        getattr(self._viewer, "scene", self._viewer).camera.events.connect(
+            self._post_view
+        )
+        self._viewer.dims.events.current_step.connect(self._post_view)
+        self.native.destroyed.connect(self._on_destroyed)
 
     def _image_layers(self, _widget: ComboBox) -> list[tuple[str, napari.layers.Image]]:
-        return [(lyr.name, lyr) for lyr in self._viewer.layers if _is_image(lyr)]
+        return [
+            (lyr.name, lyr)
+            for lyr in self._viewer.layers
+            if isinstance(lyr, napari.layers.Image)
+            and not lyr.name.endswith(UNCERTAINTY_SUFFIX)
+        ]
 
     def _label_layers(
         self, _widget: ComboBox
     ) -> list[tuple[str, napari.layers.Labels]]:
-        return [(lyr.name, lyr) for lyr in self._viewer.layers if _is_labels(lyr)]
+        return [
+            (lyr.name, lyr)
+            for lyr in self._viewer.layers
+            if isinstance(lyr, napari.layers.Labels)
+            and not lyr.name.endswith(PREDICTION_SUFFIX)
+        ]
 
     def _select_defaults(self) -> None:
         self.reset_choices()
         if self.scribble_picker.choices:
             self.scribble_picker.value = self.scribble_picker.choices[0]
+        names = getattr(self.scribble_picker.value, "metadata", {}).get("class_names")
+        if names:
+            self.class_names.value = ", ".join(names)
 
     def _add_scribble_layer(self) -> None:
         image = self.image_picker.value
         if image is None:
-            napari.utils.notifications.show_warning("Open or pick an image first.")
+            show_warning("Open or pick an image first.")
             return
         layer = self._viewer.add_layer(_scribble_layer_like(image))
         self.reset_choices()
         self.scribble_picker.value = layer
 
+    # -- state ------------------------------------------------------------------
 
-def _is_image(layer: napari.layers.Layer) -> bool:
-    return isinstance(layer, napari.layers.Image)
+    @property
+    def training(self) -> bool:
+        return self._worker is not None and self._worker.is_running
+
+    def names(self) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in self.class_names.value.split(",") if n.strip())
+        return names if len(names) >= 2 else CLASS_NAMES
+
+    def _ensure_session(self) -> LiveSession:
+        image = self.image_picker.value
+        scribbles = self.scribble_picker.value
+        if image is None or scribbles is None:
+            raise InputError("pick an image and a scribble layer first")
+        if tuple(scribbles.data.shape) != _spatial_shape(image):
+            raise InputError(
+                f"the scribble layer's shape {scribbles.data.shape} differs from the "
+                f"image's {_spatial_shape(image)}"
+            )
+        if self._session is None or self._session_image is not image:
+            self._session = LiveSession(
+                image_array(image),
+                self.names(),
+                preset=self.preset.value,
+                config=TrainConfig(learning_rate=self.learning_rate.value),
+                device=self.device.value,
+            )
+            self._session_image = image
+        return self._session
+
+    # -- training ---------------------------------------------------------------
+
+    def _toggle_training(self) -> None:
+        if self.training:
+            self.stop("Paused.")
+        else:
+            self.start()
+
+    def _update_once(self) -> None:
+        if not self.training:
+            self.start(rounds=1, round_seconds=UPDATE_ONCE_SECONDS)
+
+    def start(self, rounds: int | None = None, round_seconds: float = 0.4) -> None:
+        """Start the training worker (forever, or for ``rounds`` rounds)."""
+        try:
+            session = self._ensure_session()
+        except InputError as error:
+            show_warning(str(error))
+            return
+        session.config = TrainConfig(learning_rate=self.learning_rate.value)
+        self._watch(self.scribble_picker.value)
+        self._post_labels()
+        self._post_view()
+        self._worker = create_worker(
+            iter_live,
+            session,
+            self._mailbox,
+            round_seconds=round_seconds,
+            rounds=rounds,
+            _start_thread=False,
+        )
+        self._worker.yielded.connect(partial(self._on_event, session))
+        self._worker.errored.connect(self._on_error)
+        self._worker.finished.connect(self._on_finished)
+        self.train_button.text = "Pause" if rounds is None else "Train"
+        self._worker.start()
+
+    def stop(self, message: str | None = None) -> None:
+        """Ask the worker to stop after its current step or tile."""
+        _quit_worker(self._worker)
+        self.train_button.text = "Train"
+        if message:
+            self.status.value = message
+
+    def _on_destroyed(self, *_args) -> None:
+        self._alive = False
+        _quit_worker(self._worker)
+
+    def _on_finished(self) -> None:
+        if self._alive:
+            self.train_button.text = "Train"
+
+    def _on_error(self, error: Exception) -> None:
+        if not self._alive:
+            return
+        self.train_button.text = "Train"
+        message = (
+            str(error) if isinstance(error, InputError | RuntimeError) else repr(error)
+        )
+        show_error(f"Training stopped: {message}")
+        self.status.value = f"Stopped: {message}"
+
+    def _on_event(
+        self, session: LiveSession, event: TrainStatus | PredictionUpdate | Waiting
+    ) -> None:
+        if session is not self._session or not self._alive:
+            return  # queued from a session that was stopped and dropped since
+        if isinstance(event, TrainStatus):
+            self.status.value = _status_text(session, event)
+        elif isinstance(event, PredictionUpdate):
+            self._show_update(event)
+        else:
+            self.status.value = f"Waiting: {event.reason}."
+
+    # -- scribbles and view -----------------------------------------------------
+
+    def _watch(self, scribbles: napari.layers.Labels) -> None:
+        if self._watched is scribbles:
+            return
+        self._unwatch()
+        scribbles.events.paint.connect(self._snapshot_soon)
+        scribbles.events.data.connect(self._snapshot_soon)
+        self._watched = scribbles
+
+    def _unwatch(self) -> None:
+        if self._watched is not None:
+            self._watched.events.paint.disconnect(self._snapshot_soon)
+            self._watched.events.data.disconnect(self._snapshot_soon)
+            self._watched = None
+
+    def _snapshot_soon(self, *_event) -> None:
+        self._snapshot_timer.start()
+
+    def _post_labels(self, *_event) -> None:
+        if self._watched is not None:
+            self._mailbox.post_labels(self._watched.data)
+
+    def _post_view(self, *_event) -> None:
+        image = self.image_picker.value
+        if image is None:
+            return
+        corners = np.asarray(image.corner_pixels)  # (2, ndim) data coordinates
+        ndim = len(_spatial_shape(image))
+        (r0, c0), (r1, c1) = corners[0, ndim - 2 : ndim], corners[1, ndim - 2 : ndim]
+        view = Box(0, int(r0), int(r1) + 1, int(c0), int(c1) + 1) if r1 > r0 else None
+        z = 0
+        if ndim == 3:
+            z = int(np.rint(image.world_to_data(self._viewer.dims.point)[0]))
+        self._mailbox.post_view(view, z)
+
+    # -- output layers ----------------------------------------------------------
+
+    def _output_layers(self) -> tuple[napari.layers.Labels, napari.layers.Image]:
+        image = self._session_image
+        shape = _spatial_shape(image)
+        name = f"{image.name}{PREDICTION_SUFFIX}"
+        if name not in self._viewer.layers:
+            scribbles = self.scribble_picker.value
+            layer = self._viewer.add_labels(
+                np.zeros(shape, np.uint8),
+                name=name,
+                opacity=0.5,
+                **_layer_geometry(image),
+            )
+            if scribbles is not None:
+                layer.colormap = scribbles.colormap
+        uname = f"{image.name}{UNCERTAINTY_SUFFIX}"
+        if uname not in self._viewer.layers:
+            self._viewer.add_image(
+                np.zeros(shape, np.float32),
+                name=uname,
+                colormap="magma",
+                contrast_limits=(0, 1),
+                visible=False,
+                **_layer_geometry(image),
+            )
+        return self._viewer.layers[name], self._viewer.layers[uname]
+
+    def _show_update(self, update: PredictionUpdate) -> None:
+        prediction, uncertainty = self._output_layers()
+        box = update.box
+        index = (slice(box.r0, box.r1), slice(box.c0, box.c1))
+        if prediction.ndim == 3:
+            index = (box.z, *index)
+        prediction.data[index] = update.classes
+        uncertainty.data[index] = update.uncertainty
+        prediction.refresh()
+        uncertainty.refresh()
+        self.last_update = update
+
+    # -- layer and setting changes ----------------------------------------------
+
+    def _on_image_changed(self, *_args) -> None:
+        if self.training:
+            self.stop("Paused: the image or scribble layer changed.")
+            show_info("The image or scribble layer changed: press Train to continue.")
+        if self.image_picker.value is not self._session_image:
+            self._drop_session()
+
+    def _on_network_changed(self, *_args) -> None:
+        if self._session is not None and self._session.classifier is not None:
+            self.stop()
+            show_info("Network or device changed: the next training starts afresh.")
+        self._drop_session()
+
+    def _drop_session(self) -> None:
+        self._session, self._session_image = None, None
+
+    def _on_layer_removed(self, event) -> None:
+        layer = event.value
+        if layer is self._session_image or layer is self._watched:
+            self.stop(f"Stopped: layer {layer.name!r} was removed.")
+            show_info(f"Training stopped: layer {layer.name!r} was removed.")
+            self._unwatch()
+            self._drop_session()
+        self.reset_choices()
+
+    def _on_class_names_changed(self, *_args) -> None:
+        if self._session is not None and len(self.names()) >= len(
+            self._session.class_names
+        ):
+            self._session.class_names = self.names()
+
+    def _reset_model(self) -> None:
+        self.stop()
+        if self._session is not None:
+            self._session.reset()
+        self.status.value = "Model reset: the next training starts from scratch."
+
+    # -- files and other images ---------------------------------------------------
+
+    def _ask_export(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self.native, "Export model", "model.dsparse.pt", "Model (*.pt)"
+        )
+        if path:
+            self.export_model(path)
+
+    def export_model(self, path: str | Path) -> None:
+        """Write the current model to ``path``."""
+        if self._session is None or self._session.classifier is None:
+            show_warning("Train a model before exporting it.")
+            return
+        self._session.classifier.class_names = self._session.class_names
+        try:
+            save_classifier(self._session.classifier, path)
+        except (InputError, OSError) as error:
+            show_error(f"Export failed: {error}")
+            return
+        show_info(f"Model written to {path}")
+
+    def _ask_load(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self.native, "Load model", "", "Model (*.pt)"
+        )
+        if path:
+            self.load_model(path)
+
+    def load_model(self, path: str | Path) -> None:
+        """Use the model in ``path`` for training and prediction from now on."""
+        try:
+            classifier = load_classifier(path)
+            session = self._ensure_session()
+        except InputError as error:
+            show_error(str(error))
+            return
+        if classifier.in_channels != session.image.shape[0]:
+            show_error(
+                f"The model expects {classifier.in_channels} channel(s); "
+                f"{self.image_picker.value.name!r} has {session.image.shape[0]}."
+            )
+            return
+        self.stop()
+        session.reset()
+        session.classifier = classifier.to(pick_device(session.device))
+        session.class_names = classifier.class_names
+        self.class_names.value = ", ".join(classifier.class_names)
+        self.status.value = f"Loaded {Path(path).name}."
+
+    def _apply_to_picked_layer(self) -> None:
+        target = self.apply_picker.value
+        if target is not None:
+            self.apply_to_layer(target)
+
+    def apply_to_layer(self, target: napari.layers.Image) -> GeneratorWorker | None:
+        """Predict every slice of ``target`` with the current model, with progress."""
+        classifier = self._session.classifier if self._session else None
+        if classifier is None:
+            show_warning("Train or load a model first.")
+            return None
+        try:
+            image = image_array(target)
+        except InputError as error:
+            show_error(str(error))
+            return None
+        if image.shape[0] != classifier.in_channels:
+            show_error(
+                f"The model expects {classifier.in_channels} channel(s); "
+                f"{target.name!r} has {image.shape[0]}."
+            )
+            return None
+        shape = _spatial_shape(target)
+        layer = self._viewer.add_labels(
+            np.zeros(shape, np.uint8),
+            name=f"{target.name}{PREDICTION_SUFFIX}",
+            **_layer_geometry(target),
+        )
+        return self._run_prediction(classifier, image, layer)
+
+    def _predict_all_slices(self) -> None:
+        if self._session is None or self._session.classifier is None:
+            show_warning("Train or load a model first.")
+            return
+        prediction, _ = self._output_layers()
+        self._run_prediction(self._session.classifier, self._session.image, prediction)
+
+    def _run_prediction(
+        self, classifier: Classifier, image: np.ndarray, layer: napari.layers.Labels
+    ) -> GeneratorWorker:
+        boxes = list(iter_tiles(image.shape[1:], DEFAULT_TILE))
+
+        def write(update: tuple[Box, np.ndarray]) -> None:
+            box, classes = update
+            index = (slice(box.r0, box.r1), slice(box.c0, box.c1))
+            layer.data[(box.z, *index) if layer.ndim == 3 else index] = classes
+            layer.refresh()
+
+        worker = create_worker(
+            _predict_boxes,
+            classifier,
+            image,
+            boxes,
+            _progress={"total": len(boxes), "desc": f"Predicting {layer.name}"},
+            _start_thread=False,
+        )
+        worker.yielded.connect(write)
+        worker.errored.connect(lambda error: show_error(f"Prediction failed: {error}"))
+        worker.start()
+        return worker
 
 
-def _is_labels(layer: napari.layers.Layer) -> bool:
-    return isinstance(layer, napari.layers.Labels)
+def _predict_boxes(
+    classifier: Classifier, image: np.ndarray, boxes: list[Box]
+) -> Iterator[tuple[Box, np.ndarray]]:
+    for box in boxes:
+        classes, _ = labels_and_uncertainty(predict_box(classifier, image, box))
+        yield box, classes
+
+
+def _status_text(session: LiveSession, status: TrainStatus) -> str:
+    painted = ", ".join(
+        f"{name} {count}"
+        for name, count in zip(session.class_names, status.painted, strict=False)
+    )
+    device = session.classifier.device if session.classifier else "?"
+    return (
+        f"step {status.step} · loss {status.loss:.3f} · "
+        f"{status.steps_per_second:.1f} steps/s · {device}\npainted: {painted}"
+    )
+
+
+def _quit_worker(worker: GeneratorWorker | None) -> None:
+    if worker is not None:
+        worker.quit()

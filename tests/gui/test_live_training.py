@@ -1,0 +1,124 @@
+"""Live training in a real viewer: strokes in, prediction layers out, clean stops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_dsparse._demo import PLUGIN, WIDGET
+
+pytestmark = pytest.mark.gui
+
+
+def _disc_image(size: int = 96) -> np.ndarray:
+    rows, cols = np.mgrid[:size, :size]
+    disc = (rows - size // 2) ** 2 + (cols - size // 2) ** 2 < (size // 4) ** 2
+    noise = np.random.default_rng(0).normal(0, 0.1, (size, size))
+    return (disc + noise).astype(np.float32)
+
+
+def _paint_line(layer, row: int, cols: range, label: int) -> None:
+    for col in cols:
+        layer.paint((row, col), label, refresh=False)
+    layer.refresh()
+
+
+@pytest.fixture
+def trained_viewer(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(_disc_image(), name="disc")
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    widget.add_scribbles_button.clicked.emit()
+    scribbles = widget.scribble_picker.value
+    scribbles.brush_size = 3
+    _paint_line(scribbles, 5, range(5, 40), 1)
+    _paint_line(scribbles, 48, range(40, 56), 2)
+    widget.train_button.clicked.emit()
+    qtbot.waitUntil(lambda: "disc prediction" in viewer.layers, timeout=20_000)
+    yield viewer, widget, scribbles
+    widget.stop()
+    if widget._worker is not None:
+        qtbot.waitUntil(lambda: not widget._worker.is_running, timeout=5_000)
+
+
+def test_prediction_layers_appear_and_follow_training(trained_viewer, qtbot) -> None:
+    viewer, widget, scribbles = trained_viewer
+    prediction = viewer.layers["disc prediction"]
+    uncertainty = viewer.layers["disc uncertainty"]
+    assert prediction.data.shape == scribbles.data.shape
+    assert uncertainty.data.shape == scribbles.data.shape
+    qtbot.waitUntil(lambda: prediction.data[48, 48] == 2, timeout=30_000)
+    qtbot.waitUntil(lambda: prediction.data[5, 20] == 1, timeout=30_000)
+    assert widget.training and widget.train_button.text == "Pause"
+    assert "step" in widget.status.value
+
+
+def test_a_new_class_reaches_the_trainer(trained_viewer, qtbot) -> None:
+    _viewer, widget, scribbles = trained_viewer
+    _paint_line(scribbles, 90, range(10, 30), 3)
+    expected = int((scribbles.data == 3).sum())
+    qtbot.waitUntil(
+        lambda: f"class 3 {expected}" in widget.status.value, timeout=20_000
+    )
+
+
+def test_training_never_writes_into_the_scribbles(trained_viewer, qtbot) -> None:
+    _viewer, widget, scribbles = trained_viewer
+    before = scribbles.data.copy()
+    steps = widget._session.trainer.steps_done
+    qtbot.waitUntil(
+        lambda: widget._session.trainer.steps_done > steps + 5, timeout=20_000
+    )
+    np.testing.assert_array_equal(scribbles.data, before)
+
+
+def test_pause_stops_within_a_second(trained_viewer, qtbot) -> None:
+    _viewer, widget, _ = trained_viewer
+    widget.train_button.clicked.emit()  # Pause
+    qtbot.waitUntil(lambda: not widget._worker.is_running, timeout=1_000)
+    assert widget.train_button.text == "Train"
+    steps = widget._session.trainer.steps_done
+    qtbot.wait(300)
+    assert widget._session.trainer.steps_done == steps
+
+
+def test_removing_the_scribble_layer_stops_training(trained_viewer, qtbot) -> None:
+    viewer, widget, scribbles = trained_viewer
+    worker = widget._worker
+    viewer.layers.remove(scribbles)
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=2_000)
+    assert "removed" in widget.status.value
+
+
+def test_closing_the_viewer_stops_the_worker(make_napari_viewer, qtbot) -> None:
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "coins")
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    widget.train_button.clicked.emit()
+    worker = widget._worker
+    qtbot.waitUntil(lambda: "coins prediction" in viewer.layers, timeout=30_000)
+    viewer.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=3_000)
+
+
+def test_update_once_trains_briefly_and_stops(make_napari_viewer, qtbot) -> None:
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "coins")
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    widget.update_button.clicked.emit()
+    with qtbot.waitSignal(widget._worker.finished, timeout=30_000):
+        pass
+    prediction = viewer.layers["coins prediction"].data
+    assert prediction.min() >= 1 and prediction.max() <= 2  # every tile predicted
+    assert widget._session.trainer.steps_done > 0
+
+
+def test_export_then_apply_to_another_layer(trained_viewer, qtbot, tmp_path) -> None:
+    viewer, widget, _ = trained_viewer
+    widget.export_model(tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").is_file()
+    other = viewer.add_image(_disc_image(64), name="other")
+    with qtbot.waitSignal(widget.apply_to_layer(other).finished, timeout=20_000):
+        pass
+    result = viewer.layers["other prediction"].data
+    assert result.shape == (64, 64) and set(np.unique(result)) <= {1, 2, 3}
