@@ -10,15 +10,22 @@ PLUGIN = "napari-dsparse"
 WIDGET = "Live pixel classifier"
 
 
-def open_demo_viewer(viewer: napari.Viewer | None = None) -> DsparseWidget:
-    """Open the sample and dock the widget in ``viewer`` (a new one by default)."""
+def open_demo_viewer(
+    viewer: napari.Viewer | None = None, train: bool = False
+) -> DsparseWidget:
+    """Open the sample and dock the widget in ``viewer`` (a new one by default).
+
+    With ``train=True`` live training starts at once.
+    """
     viewer = viewer or napari.Viewer(title="napari-dsparse demo")
     viewer.open_sample(PLUGIN, "coins")
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    if train:
+        widget.start()
     return widget
 
 
 def run_gui_demo() -> None:
-    """Open the demo viewer and run the Qt event loop until the window closes."""
-    open_demo_viewer()
+    """Open the demo viewer, start training, run napari until the window closes."""
+    open_demo_viewer(train=True)
     napari.run()

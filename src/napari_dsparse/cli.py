@@ -49,6 +49,16 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    if args.headless:
+        from napari_dsparse.demo import run_headless_demo
+
+        run_headless_demo(
+            args.output,
+            rounds=args.rounds,
+            round_seconds=args.round_seconds,
+            device=args.device,
+        )
+        return 0
     from napari_dsparse._demo import run_gui_demo
 
     run_gui_demo()
@@ -68,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="open napari with the sample image, its scribbles and the widget"
     )
+    demo.add_argument(
+        "--headless",
+        action="store_true",
+        help="run the loop without a window, with simulated correction strokes",
+    )
+    demo.add_argument(
+        "--output", "-o", default="dsparse-demo", help="folder for --headless results"
+    )
+    demo.add_argument("--rounds", type=int, default=4, help="--headless rounds")
+    demo.add_argument(
+        "--round-seconds", type=float, default=5.0, help="training per round"
+    )
+    demo.add_argument("--device", help="cpu, cuda, mps (default: best)")
     demo.set_defaults(func=_run_demo)
     _add_train_parser(commands)
     _add_predict_parser(commands)

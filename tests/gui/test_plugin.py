@@ -41,3 +41,12 @@ def test_add_scribble_layer_matches_the_image_geometry(make_napari_viewer) -> No
     assert scribbles.data.shape == (20, 30)
     np.testing.assert_array_equal(scribbles.scale, (2, 3))
     np.testing.assert_array_equal(scribbles.translate, (5, 7))
+
+
+def test_the_demo_starts_live_training(make_napari_viewer, qtbot) -> None:
+    viewer = make_napari_viewer()
+    widget = open_demo_viewer(viewer, train=True)
+    qtbot.waitUntil(lambda: "coins prediction" in viewer.layers, timeout=30_000)
+    assert widget.training
+    widget.stop()
+    qtbot.waitUntil(lambda: not widget._worker.is_running, timeout=2_000)
