@@ -49,6 +49,7 @@ from napari_dsparse.samples import CLASS_NAMES
 from napari_dsparse.train import TrainConfig, TrainStatus
 
 UPDATE_ONCE_SECONDS = 2.0
+REFRESH_MS = 100  # the most often the output layers are redrawn
 PREDICTION_SUFFIX = " prediction"
 UNCERTAINTY_SUFFIX = " uncertainty"
 
@@ -107,10 +108,9 @@ class DsparseWidget(Container):
         self._watched: napari.layers.Labels | None = None
         # napari emits ``paint`` before writing the last change: snapshot a moment
         # later, once per burst of events.
-        self._snapshot_timer = QTimer()
-        self._snapshot_timer.setSingleShot(True)
-        self._snapshot_timer.setInterval(0)
-        self._snapshot_timer.timeout.connect(self._post_labels)
+        self._snapshot_timer = _single_shot(0, self._post_labels)
+        # Redrawing a large layer costs tens of ms: redraw at most every 100 ms.
+        self._refresh_timer = _single_shot(REFRESH_MS, self._refresh_outputs)
         self._build_controls()
         super().__init__(widgets=self._controls())
         self._connect()
@@ -397,9 +397,16 @@ class DsparseWidget(Container):
             index = (box.z, *index)
         prediction.data[index] = update.classes
         uncertainty.data[index] = update.uncertainty
-        prediction.refresh()
-        uncertainty.refresh()
-        self.last_update = update
+        if not self._refresh_timer.isActive():
+            self._refresh_timer.start()
+
+    def _refresh_outputs(self) -> None:
+        if not self._alive or self._session_image is None:
+            return
+        image = self._session_image.name
+        for suffix in (PREDICTION_SUFFIX, UNCERTAINTY_SUFFIX):
+            if f"{image}{suffix}" in self._viewer.layers:
+                self._viewer.layers[f"{image}{suffix}"].refresh()
 
     # -- layer and setting changes ----------------------------------------------
 
@@ -558,6 +565,14 @@ def _predict_boxes(
     for box in boxes:
         classes, _ = labels_and_uncertainty(predict_box(classifier, image, box))
         yield box, classes
+
+
+def _single_shot(interval_ms: int, slot) -> QTimer:
+    timer = QTimer()
+    timer.setSingleShot(True)
+    timer.setInterval(interval_ms)
+    timer.timeout.connect(slot)
+    return timer
 
 
 def _status_text(session: LiveSession, status: TrainStatus) -> str:
