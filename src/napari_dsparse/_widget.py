@@ -364,20 +364,20 @@ class DsparseWidget(Container):
     # -- output layers ----------------------------------------------------------
 
     def _output_layers(self) -> tuple[napari.layers.Labels, napari.layers.Image]:
+        """The prediction and uncertainty layers, created below the scribbles once."""
         image = self._session_image
-        shape = _spatial_shape(image)
         name = f"{image.name}{PREDICTION_SUFFIX}"
+        uname = f"{image.name}{UNCERTAINTY_SUFFIX}"
+        if name in self._viewer.layers and uname in self._viewer.layers:
+            return self._viewer.layers[name], self._viewer.layers[uname]
+        shape, geometry = _spatial_shape(image), _layer_geometry(image)
+        scribbles = self._watched
         if name not in self._viewer.layers:
-            scribbles = self.scribble_picker.value
             layer = self._viewer.add_labels(
-                np.zeros(shape, np.uint8),
-                name=name,
-                opacity=0.5,
-                **_layer_geometry(image),
+                np.zeros(shape, np.uint8), name=name, opacity=0.5, **geometry
             )
             if scribbles is not None:
                 layer.colormap = scribbles.colormap
-        uname = f"{image.name}{UNCERTAINTY_SUFFIX}"
         if uname not in self._viewer.layers:
             self._viewer.add_image(
                 np.zeros(shape, np.float32),
@@ -385,9 +385,18 @@ class DsparseWidget(Container):
                 colormap="magma",
                 contrast_limits=(0, 1),
                 visible=False,
-                **_layer_geometry(image),
+                **geometry,
             )
+        if scribbles is not None and scribbles in self._viewer.layers:
+            self._keep_painting_on(scribbles, (uname, name))
         return self._viewer.layers[name], self._viewer.layers[uname]
+
+    def _keep_painting_on(self, scribbles: napari.layers.Labels, names) -> None:
+        """Put output layers under the scribbles and keep the scribbles selected."""
+        layers = self._viewer.layers
+        for name in names:
+            layers.move(layers.index(name), layers.index(scribbles))
+        layers.selection.active = scribbles
 
     def _show_update(self, update: PredictionUpdate) -> None:
         prediction, uncertainty = self._output_layers()

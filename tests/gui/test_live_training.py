@@ -122,3 +122,11 @@ def test_export_then_apply_to_another_layer(trained_viewer, qtbot, tmp_path) -> 
         pass
     result = viewer.layers["other prediction"].data
     assert result.shape == (64, 64) and set(np.unique(result)) <= {1, 2, 3}
+
+
+def test_output_layers_sit_below_the_scribbles(trained_viewer) -> None:
+    viewer, _widget, scribbles = trained_viewer
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("disc prediction") < names.index(scribbles.name)
+    assert names.index("disc uncertainty") < names.index(scribbles.name)
+    assert viewer.layers.selection.active is scribbles
