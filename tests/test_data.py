@@ -107,3 +107,10 @@ def test_windows_equal_the_reflect_padded_whole_image(rng, halo) -> None:
         expected = whole[:, r0 : r1 + 2 * halo, c0 : c1 + 2 * halo]
         window = read_window(image, norm, z, (r0, r1), (c0, c1), halo)
         np.testing.assert_array_equal(window, expected)
+
+
+def test_rgba_alpha_is_ignored() -> None:
+    image = np.zeros((4, 5, 4), np.uint8)
+    image[..., 3] = 255
+    out = as_channels_first(image)
+    assert out.shape == (3, 1, 4, 5) and out.max() == 0

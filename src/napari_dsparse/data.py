@@ -32,12 +32,12 @@ def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.
     """View ``image`` as ``(C, Z, Y, X)`` without copying.
 
     With ``channel_axis=None`` the layout is inferred as napari does for RGB: a 3D
-    array whose last axis has 3 or 4 entries is ``(Y, X, RGB[A])``; any other 2D or 3D
-    array is one channel (``(Y, X)`` or ``(Z, Y, X)``). Arrays of 4 dimensions need an
-    explicit ``channel_axis`` (the others are then ``Z, Y, X``).
+    array whose last axis has 3 or 4 entries is ``(Y, X, RGB[A])`` (alpha ignored);
+    any other 2D or 3D array is one channel (``(Y, X)`` or ``(Z, Y, X)``). Arrays of
+    4 dimensions need an explicit ``channel_axis`` (the others are then ``Z, Y, X``).
     """
     if image.ndim == 3 and channel_axis is None and image.shape[-1] in (3, 4):
-        channel_axis = -1
+        return np.moveaxis(image[..., :3], -1, 0)[:, None]  # RGB; alpha ignored
     if channel_axis is None:
         if image.ndim not in (2, 3):
             raise InputError(
@@ -71,8 +71,8 @@ def check_image(image: np.ndarray, min_size: int = 1) -> None:
 
 def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarray:
     """Validate painted labels against the image; return them as ``(Z, Y, X)`` int64."""
-    if labels.shape not in (spatial_shape, spatial_shape[1:] * (spatial_shape[0] == 1)):
-        image_shape = spatial_shape[1:] if spatial_shape[0] == 1 else spatial_shape
+    image_shape = spatial_shape[1:] if spatial_shape[0] == 1 else spatial_shape
+    if labels.shape not in (spatial_shape, image_shape):
         raise InputError(
             f"labels shape {labels.shape} differs from the image's {image_shape}"
         )
