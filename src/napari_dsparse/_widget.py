@@ -49,39 +49,58 @@ from napari_dsparse.samples import CLASS_NAMES
 from napari_dsparse.train import TrainConfig, TrainStatus
 
 UPDATE_ONCE_SECONDS = 2.0
+MAX_CHANNELS = 16  # a 3D layer with at most this many planes may be channels
 REFRESH_MS = 100  # the most often the output layers are redrawn
 PREDICTION_SUFFIX = " prediction"
 UNCERTAINTY_SUFFIX = " uncertainty"
 
 
-def _spatial_shape(image: napari.layers.Image) -> tuple[int, ...]:
-    return image.data.shape[:-1] if image.rgb else image.data.shape
+def _is_multichannel(image: napari.layers.Image, scribbles) -> bool:
+    """A 3D layer whose first axis holds channels: the scribbles cover only (Y, X)."""
+    return (
+        not image.rgb
+        and image.ndim == 3
+        and scribbles is not None
+        and tuple(scribbles.data.shape) == tuple(image.data.shape[1:])
+        and image.data.shape[0] <= MAX_CHANNELS
+    )
 
 
-def _layer_geometry(image: napari.layers.Image) -> dict:
-    ndim = len(_spatial_shape(image))
-    return {"scale": image.scale[:ndim], "translate": image.translate[:ndim]}
+def _spatial_shape(
+    image: napari.layers.Image, multichannel: bool = False
+) -> tuple[int, ...]:
+    shape = tuple(image.data.shape)
+    return shape[:-1] if image.rgb else shape[1:] if multichannel else shape
+
+
+def _layer_geometry(image: napari.layers.Image, ndim: int) -> dict:
+    """Scale and translate of the last ``ndim`` axes, for layers over ``image``."""
+    return {"scale": image.scale[-ndim:], "translate": image.translate[-ndim:]}
 
 
 def _scribble_layer_like(image: napari.layers.Image) -> napari.layers.Labels:
     """An empty Labels layer covering ``image`` (same shape, scale and translate)."""
+    shape = _spatial_shape(image)
     return napari.layers.Labels(
-        np.zeros(_spatial_shape(image), dtype=np.uint8),
+        np.zeros(shape, dtype=np.uint8),
         name=f"{image.name} scribbles",
         metadata={"class_names": list(CLASS_NAMES)},
-        **_layer_geometry(image),
+        **_layer_geometry(image, len(shape)),
     )
 
 
-def image_array(image: napari.layers.Image) -> np.ndarray:
-    """The layer's pixels as ``(C, Z, Y, X)``: RGB as channels, 3D as a stack."""
+def image_array(image: napari.layers.Image, multichannel: bool = False) -> np.ndarray:
+    """The layer's pixels as ``(C, Z, Y, X)``: RGB and multichannel as channels,
+    other 3D layers as stacks of slices."""
     data = np.asarray(image.data)
     if image.rgb:
         return as_channels_first(data[..., :3], channel_axis=-1)
+    if multichannel:
+        return as_channels_first(data, channel_axis=0)
     if data.ndim not in (2, 3):
         raise InputError(
             f"{image.name!r} has {data.ndim} dimensions; pick a 2D image, an RGB "
-            "image or a 3D stack"
+            "image, a multichannel image or a 3D stack"
         )
     return as_channels_first(data[..., None], channel_axis=-1)
 
@@ -103,6 +122,7 @@ class DsparseWidget(Container):
         self._alive = True  # False once Qt has deleted the widget
         self._session: LiveSession | None = None
         self._session_image: napari.layers.Image | None = None  # the session's layer
+        self._multichannel = False  # whether its first axis holds channels
         self._mailbox = Mailbox()
         self._worker: GeneratorWorker | None = None
         self._watched: napari.layers.Labels | None = None
@@ -235,14 +255,16 @@ class DsparseWidget(Container):
         scribbles = self.scribble_picker.value
         if image is None or scribbles is None:
             raise InputError("pick an image and a scribble layer first")
-        if tuple(scribbles.data.shape) != _spatial_shape(image):
+        multichannel = _is_multichannel(image, scribbles)
+        if tuple(scribbles.data.shape) != _spatial_shape(image, multichannel):
             raise InputError(
                 f"the scribble layer's shape {scribbles.data.shape} differs from the "
                 f"image's {_spatial_shape(image)}"
             )
         if self._session is None or self._session_image is not image:
+            self._multichannel = multichannel
             self._session = LiveSession(
-                image_array(image),
+                image_array(image, multichannel),
                 self.names(),
                 preset=self.preset.value,
                 config=TrainConfig(learning_rate=self.learning_rate.value),
@@ -352,12 +374,11 @@ class DsparseWidget(Container):
         image = self.image_picker.value
         if image is None:
             return
-        corners = np.asarray(image.corner_pixels)  # (2, ndim) data coordinates
-        ndim = len(_spatial_shape(image))
-        (r0, c0), (r1, c1) = corners[0, ndim - 2 : ndim], corners[1, ndim - 2 : ndim]
+        corners = np.asarray(image.corner_pixels)  # (2, ndim): no RGB axis
+        (r0, c0), (r1, c1) = corners[0, -2:], corners[1, -2:]
         view = Box(0, int(r0), int(r1) + 1, int(c0), int(c1) + 1) if r1 > r0 else None
         z = 0
-        if ndim == 3:
+        if len(_spatial_shape(image, self._multichannel)) == 3:
             z = int(np.rint(image.world_to_data(self._viewer.dims.point)[0]))
         self._mailbox.post_view(view, z)
 
@@ -370,7 +391,8 @@ class DsparseWidget(Container):
         uname = f"{image.name}{UNCERTAINTY_SUFFIX}"
         if name in self._viewer.layers and uname in self._viewer.layers:
             return self._viewer.layers[name], self._viewer.layers[uname]
-        shape, geometry = _spatial_shape(image), _layer_geometry(image)
+        shape = _spatial_shape(image, self._multichannel)
+        geometry = _layer_geometry(image, len(shape))
         scribbles = self._watched
         if name not in self._viewer.layers:
             layer = self._viewer.add_labels(
@@ -517,8 +539,13 @@ class DsparseWidget(Container):
         if classifier is None:
             show_warning("Train or load a model first.")
             return None
+        multichannel = (
+            not target.rgb
+            and target.ndim == 3
+            and target.data.shape[0] == classifier.in_channels > 1
+        )
         try:
-            image = image_array(target)
+            image = image_array(target, multichannel)
         except InputError as error:
             show_error(str(error))
             return None
@@ -528,11 +555,11 @@ class DsparseWidget(Container):
                 f"{target.name!r} has {image.shape[0]}."
             )
             return None
-        shape = _spatial_shape(target)
+        shape = _spatial_shape(target, multichannel)
         layer = self._viewer.add_labels(
             np.zeros(shape, np.uint8),
             name=f"{target.name}{PREDICTION_SUFFIX}",
-            **_layer_geometry(target),
+            **_layer_geometry(target, len(shape)),
         )
         return self._run_prediction(classifier, image, layer)
 

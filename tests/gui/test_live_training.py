@@ -130,3 +130,30 @@ def test_output_layers_sit_below_the_scribbles(trained_viewer) -> None:
     assert names.index("disc prediction") < names.index(scribbles.name)
     assert names.index("disc uncertainty") < names.index(scribbles.name)
     assert viewer.layers.selection.active is scribbles
+
+
+@pytest.mark.parametrize(
+    ("make_image", "rgb", "channels"),
+    [
+        (lambda d: np.stack([d, 1 - d, d * 0.5], axis=-1), True, 3),
+        (lambda d: np.stack([d, 1 - d]), False, 2),
+    ],
+    ids=["rgb", "multichannel"],
+)
+def test_rgb_and_multichannel_layers_train(
+    make_napari_viewer, qtbot, make_image, rgb, channels
+) -> None:
+    viewer = make_napari_viewer()
+    viewer.add_image(make_image(_disc_image(64)), name="multi", rgb=rgb)
+    scribbles = viewer.add_labels(np.zeros((64, 64), np.uint8), name="strokes")
+    _paint_line(scribbles, 3, range(3, 30), 1)
+    _paint_line(scribbles, 32, range(25, 40), 2)
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    widget.image_picker.value = viewer.layers["multi"]
+    widget.scribble_picker.value = scribbles
+    widget.update_button.clicked.emit()
+    with qtbot.waitSignal(widget._worker.finished, timeout=30_000):
+        pass
+    assert widget._session.image.shape == (channels, 1, 64, 64)
+    assert viewer.layers["multi prediction"].data.shape == (64, 64)
+    assert viewer.layers["multi prediction"].data.min() >= 1
