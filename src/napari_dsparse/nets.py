@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from napari_dsparse.sparse import DenseNet, to_dense
+from napari_dsparse.sparse import DenseNet, PixelwiseModule, to_dense
 
 __all__ = ["PRESETS", "Preset", "build_patch_net", "filter_bank", "macs_per_pixel"]
 
@@ -35,6 +35,7 @@ class Preset:
     context_widths: tuple[int, ...]  # one stride-2 3 x 3 convolution per entry
     head_width: int  # hidden units of the fully connected head
     summary: str
+    invariants: bool = True  # append gradient magnitude and Hessian eigenvalues
 
 
 PRESETS: dict[str, Preset] = {
@@ -107,15 +108,58 @@ def _fixed_filters(in_channels: int, preset: Preset) -> nn.Conv2d:
     return conv
 
 
+class FilterInvariants(PixelwiseModule):
+    """Rotation-invariant features of the filter bank, appended per pixel.
+
+    For every input channel and scale: gradient magnitude and the two Hessian
+    eigenvalues (the structure-tensor-free part of what ilastik computes). They
+    combine the derivative responses *at the same pixel* only, so the dense network
+    stays exact; they let a thin ridge or edge be recognised whatever its direction.
+    """
+
+    def __init__(self, in_channels: int, num_scales: int) -> None:
+        super().__init__()
+        per_channel = 1 + len(_DERIVATIVE_ORDERS) * num_scales
+        bases = [
+            c * per_channel + 1 + len(_DERIVATIVE_ORDERS) * s
+            for c in range(in_channels)
+            for s in range(num_scales)
+        ]
+        # offsets of Gx, Gy, Gxx, Gxy, Gyy after G within each scale's block
+        for name, offset in zip(
+            ("gx", "gy", "gxx", "gxy", "gyy"), range(1, 6), strict=True
+        ):
+            self.register_buffer(
+                f"_{name}", torch.tensor([b + offset for b in bases]), persistent=False
+            )
+        self.extra = 3 * len(bases)
+
+    def out_channels(self, in_channels: int) -> int:
+        return in_channels + self.extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C', H, W)
+        gx, gy = x[:, self._gx], x[:, self._gy]
+        gxx, gxy, gyy = x[:, self._gxx], x[:, self._gxy], x[:, self._gyy]
+        gradient = torch.sqrt(gx * gx + gy * gy + 1e-12)
+        half_trace = 0.5 * (gxx + gyy)
+        radius = torch.sqrt(0.25 * (gxx - gyy) ** 2 + gxy * gxy + 1e-12)
+        return torch.cat([x, gradient, half_trace + radius, half_trace - radius], 1)
+
+
 def build_patch_net(
     preset: Preset | str, in_channels: int, num_classes: int
 ) -> nn.Sequential:
     """The patch classifier of ``preset`` for the given inputs and classes."""
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     filters = _fixed_filters(in_channels, preset)
-    layers: list[nn.Module] = [
-        filters,
-        nn.Conv2d(filters.out_channels, preset.mix_width, 1),
+    layers: list[nn.Module] = [filters]
+    features = filters.out_channels
+    if preset.invariants:
+        invariants = FilterInvariants(in_channels, len(preset.filter_scales))
+        layers.append(invariants)
+        features = invariants.out_channels(features)
+    layers += [
+        nn.Conv2d(features, preset.mix_width, 1),
         nn.ReLU(),
         nn.Conv2d(preset.mix_width, preset.mix_width, 3),
         nn.ReLU(),

@@ -1,0 +1,71 @@
+"""Presets: exact dense form, fixed filters, rotation-invariant pixel features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_dsparse.nets import (
+    PRESETS,
+    FilterInvariants,
+    build_patch_net,
+    filter_bank,
+    macs_per_pixel,
+)
+from napari_dsparse.sparse import patchwise, to_dense
+
+EXACTNESS_CASES = [
+    ("fast", 1, torch.float64, 1e-12),
+    ("fast", 3, torch.float64, 1e-12),
+    ("wide", 2, torch.float32, 1e-5),  # float64 convolutions are slow on CPUs
+]
+
+
+def test_every_preset_is_checked_for_exactness() -> None:
+    assert {case[0] for case in EXACTNESS_CASES} == set(PRESETS)
+
+
+@pytest.mark.parametrize(("preset", "channels", "dtype", "tolerance"), EXACTNESS_CASES)
+def test_presets_are_exact_dense_networks(preset, channels, dtype, tolerance) -> None:
+    net = build_patch_net(preset, channels, 3).to(dtype).eval()
+    dense = to_dense(net)
+    x = torch.randn(1, channels, 28, 33, dtype=dtype)
+    with torch.no_grad():
+        expected = patchwise(net, x)
+        for strategy in ("dilated", "space_to_batch"):
+            difference = (dense(x, strategy=strategy) - expected).abs().max()
+            assert difference < tolerance
+
+
+def test_fast_preset_fits_the_live_budget() -> None:
+    net = build_patch_net("fast", 1, 2)
+    assert to_dense(net).patch_size == 31
+    assert 20_000 < macs_per_pixel(net) < 100_000
+
+
+def test_fixed_filters_do_not_train() -> None:
+    net = build_patch_net("fast", 2, 2)
+    assert not net[0].weight.requires_grad
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert all(p is not net[0].weight for p in trainable)
+
+
+def test_filter_bank_smooths_and_differentiates() -> None:
+    bank = filter_bank((1.0, 2.0), 13)  # identity + 6 per scale (float32)
+    assert bank.shape == (13, 13, 13)
+    assert bank[0].sum() == 1 and bank[0, 6, 6] == 1
+    for scale in range(2):
+        smoothing, *derivatives = bank[1 + 6 * scale : 7 + 6 * scale]
+        assert smoothing.sum() == pytest.approx(1)
+        for kernel in derivatives:
+            assert kernel.sum() == pytest.approx(0, abs=1e-6)
+
+
+def test_invariants_do_not_depend_on_orientation() -> None:
+    net = build_patch_net("fast", 1, 2).double()
+    filters, invariants = net[0], net[1]
+    assert isinstance(invariants, FilterInvariants)
+    x = torch.randn(1, 1, 40, 40, dtype=torch.float64)
+    features = invariants(filters(x))[:, filters.out_channels :]
+    turned = invariants(filters(torch.rot90(x, 1, (2, 3))))[:, filters.out_channels :]
+    torch.testing.assert_close(torch.rot90(features, 1, (2, 3)), turned)
