@@ -18,6 +18,9 @@ test: system-deps $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sparse.py
+	$(BIN)/python benchmarks/bench_quality.py
+	$(BIN)/python benchmarks/bench_latency.py
+	xvfb-run -a $(BIN)/python benchmarks/bench_ui.py
 
 system-deps:
 	./scripts/system-deps.sh
@@ -29,7 +32,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 clean:
