@@ -60,6 +60,7 @@ class PixelwiseModule(nn.Module):
         """Channels of the output for ``in_channels`` input channels."""
         return in_channels
 
+
 # Element-wise layers: identical on a patch's features and on a dense map.
 _POINTWISE: tuple[type[nn.Module], ...] = (
     nn.ReLU,
