@@ -1,0 +1,275 @@
+"""Quality per second: our live CNN vs scikit-image's trainable segmentation.
+
+For every task of ``tasks.py`` the same simulated scribbles (a few short strokes per
+class) go to both methods:
+
+- ours (the default preset): one training run, evaluated at checkpoints (15, 30 and
+  60 s of training; prediction time is kept off the training clock and reported);
+- scikit-image's gallery recipe: ``multiscale_basic_features`` + a random forest
+  (50 trees, depth 10), timed for features + fit + predict.
+
+Then correction rounds: each method gets strokes where *its own* prediction is wrong
+(same random stream for both), our model warm-starts for a few seconds per round,
+the forest refits (features cached). Prints a markdown table of mean IoU.
+
+    .venv/bin/python benchmarks/bench_quality.py            # about 10 minutes
+    .venv/bin/python benchmarks/bench_quality.py --quick    # about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from skimage.feature import multiscale_basic_features
+from sklearn.ensemble import RandomForestClassifier
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from napari_dsparse.data import Normalization, as_channels_first
+from napari_dsparse.model import Classifier
+from napari_dsparse.predict import labels_and_uncertainty, predict_proba
+from napari_dsparse.scribbles import correction_strokes, initial_strokes
+from napari_dsparse.train import TrainConfig, Trainer, iter_train
+from tasks import TASKS, Task, make_task
+
+TORCH_THREADS = 2  # the target machine: 2 CPU cores
+STROKES_PER_CLASS = 4
+CORRECTION_STROKES = 4
+
+
+@dataclass(frozen=True)
+class Settings:
+    checkpoints: tuple[float, ...]  # seconds of training at which ours is evaluated
+    rounds: int  # correction rounds
+    round_seconds: float  # warm-start training per correction round
+    preset: str
+    seed: int
+
+
+@dataclass
+class Result:
+    """Mean IoUs and timings of both methods on one task."""
+
+    task: str
+    painted: float  # fraction of pixels in the initial scribbles
+    ours: list[float] = field(default_factory=list)  # at each checkpoint
+    ours_rounds: list[float] = field(default_factory=list)
+    forest: float = 0.0
+    forest_rounds: list[float] = field(default_factory=list)
+    forest_seconds: float = 0.0  # features + fit + predict
+    refit_seconds: float = 0.0  # fit + predict per round, features cached
+    steps_per_second: float = 0.0
+    predict_seconds: float = 0.0  # whole-image prediction, median
+    painted_after: tuple[float, float] = (0.0, 0.0)  # ours, forest after corrections
+
+
+def mean_iou(truth: np.ndarray, prediction: np.ndarray) -> float:
+    """Mean over classes present in ``truth`` of intersection over union."""
+    ious = []
+    for k in np.unique(truth[truth > 0]):
+        true_k, pred_k = truth == k, prediction == k
+        ious.append((true_k & pred_k).sum() / (true_k | pred_k).sum())
+    return float(np.mean(ious))
+
+
+class Forest:
+    """scikit-image's trainable segmentation, as in its gallery example."""
+
+    def __init__(self, task: Task, seed: int) -> None:
+        tick = time.perf_counter()
+        self.features = multiscale_basic_features(
+            task.image,
+            intensity=True,
+            edges=False,
+            texture=True,
+            sigma_min=1,
+            sigma_max=16,
+            channel_axis=task.channel_axis,
+        )  # (Y, X, F)
+        self.feature_seconds = time.perf_counter() - tick
+        self.seed = seed
+
+    def fit_predict(self, labels: np.ndarray) -> tuple[np.ndarray, float]:
+        """Fit on the painted pixels, predict every pixel; returns (classes, s)."""
+        tick = time.perf_counter()
+        forest = RandomForestClassifier(
+            n_estimators=50, max_depth=10, n_jobs=-1, random_state=self.seed
+        )
+        painted = labels > 0
+        forest.fit(self.features[painted], labels[painted])
+        flat = self.features.reshape(-1, self.features.shape[-1])
+        prediction = forest.predict(flat).reshape(labels.shape)
+        return prediction, time.perf_counter() - tick
+
+
+class Ours:
+    """Our classifier, trained by ``iter_train`` on a clock that excludes prediction."""
+
+    def __init__(self, task: Task, labels: np.ndarray, settings: Settings) -> None:
+        self.image = as_channels_first(task.image, task.channel_axis)  # (C, Z, Y, X)
+        classifier = Classifier.create(
+            self.image.shape[0],
+            task.class_names,
+            Normalization.from_image(self.image),
+            preset=settings.preset,
+            seed=settings.seed,
+        )
+        self.trainer = Trainer(
+            classifier, self.image, labels, TrainConfig(seed=settings.seed)
+        )
+        self.steps = iter_train(self.trainer)
+        self.train_seconds = 0.0
+        self.steps_done = 0
+        self.predict_times: list[float] = []
+
+    def train_until(self, seconds: float) -> None:
+        """Train until the training clock reads ``seconds``."""
+        while self.train_seconds < seconds:
+            tick = time.perf_counter()
+            next(self.steps)
+            self.train_seconds += time.perf_counter() - tick
+            self.steps_done += 1
+
+    def predict(self) -> np.ndarray:
+        tick = time.perf_counter()
+        proba = predict_proba(self.trainer.classifier, self.image)  # (K, 1, Y, X)
+        classes, _ = labels_and_uncertainty(proba)
+        self.predict_times.append(time.perf_counter() - tick)
+        return classes[0]
+
+    def set_labels(self, labels: np.ndarray) -> None:
+        self.trainer.set_labels(labels)
+
+
+def run_forest(task: Task, labels: np.ndarray, settings: Settings, result: Result):
+    forest = Forest(task, settings.seed)
+    prediction, seconds = forest.fit_predict(labels)
+    result.forest = mean_iou(task.truth, prediction)
+    result.forest_seconds = forest.feature_seconds + seconds
+    rng = np.random.default_rng(settings.seed + 1)
+    refits = []
+    for _ in range(settings.rounds):
+        labels = correction_strokes(
+            task.truth, prediction, labels, rng, n=CORRECTION_STROKES
+        )
+        prediction, seconds = forest.fit_predict(labels)
+        refits.append(seconds)
+        result.forest_rounds.append(mean_iou(task.truth, prediction))
+    result.refit_seconds = float(np.mean(refits)) if refits else 0.0
+    return (labels > 0).mean()
+
+
+def run_ours(task: Task, labels: np.ndarray, settings: Settings, result: Result):
+    ours = Ours(task, labels, settings)
+    for seconds in settings.checkpoints:
+        ours.train_until(seconds)
+        prediction = ours.predict()
+        result.ours.append(mean_iou(task.truth, prediction))
+    result.steps_per_second = ours.steps_done / ours.train_seconds
+    rng = np.random.default_rng(settings.seed + 1)
+    for _ in range(settings.rounds):
+        labels = correction_strokes(
+            task.truth, prediction, labels, rng, n=CORRECTION_STROKES
+        )
+        ours.set_labels(labels)
+        ours.train_until(ours.train_seconds + settings.round_seconds)
+        prediction = ours.predict()
+        result.ours_rounds.append(mean_iou(task.truth, prediction))
+    result.predict_seconds = float(np.median(ours.predict_times))
+    return (labels > 0).mean()
+
+
+def run_task(name: str, settings: Settings) -> Result:
+    task = make_task(name)
+    rng = np.random.default_rng(settings.seed)
+    labels = initial_strokes(task.truth, rng, strokes_per_class=STROKES_PER_CLASS)
+    result = Result(name, float((labels > 0).mean()))
+    painted_forest = run_forest(task, labels, settings, result)
+    painted_ours = run_ours(task, labels, settings, result)
+    result.painted_after = (float(painted_ours), float(painted_forest))
+    return result
+
+
+def _mark(ours: float, forest: float) -> str:
+    """Bold when ours is at least the forest's."""
+    return f"**{ours:.3f}**" if ours >= forest else f"{ours:.3f}"
+
+
+def format_table(results: list[Result], settings: Settings) -> str:
+    checkpoints = [f"ours {s:g} s" for s in settings.checkpoints]
+    rounds = [
+        f"{who} +{r} corr."
+        for r in range(1, settings.rounds + 1)
+        for who in ("ours", "RF")
+    ]
+    header = ["task", "painted", *checkpoints, "RF", "RF s", *rounds]
+    header += ["steps/s", "predict s", "RF refit s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in results:
+        cells = [r.task, f"{100 * r.painted:.2f}%"]
+        cells += [_mark(iou, r.forest) for iou in r.ours]
+        cells += [f"{r.forest:.3f}", f"{r.forest_seconds:.1f}"]
+        for ours, forest in zip(r.ours_rounds, r.forest_rounds, strict=True):
+            cells += [_mark(ours, forest), f"{forest:.3f}"]
+        cells += [
+            f"{r.steps_per_second:.1f}",
+            f"{r.predict_seconds:.2f}",
+            f"{r.refit_seconds:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short run (~2 min)")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None)
+    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=2, help="correction rounds")
+    args = parser.parse_args(argv)
+    checkpoints = (3.0, 6.0, 12.0) if args.quick else (15.0, 30.0, 60.0)
+    settings = Settings(
+        checkpoints=checkpoints,
+        rounds=args.rounds,
+        round_seconds=4.0 if args.quick else 15.0,
+        preset=args.preset,
+        seed=args.seed,
+    )
+    return args, settings
+
+
+def load_average() -> str:
+    """The 1-minute load average (Linux), to tell a quiet machine from a busy one."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, settings = parse_args(argv)
+    torch.set_num_threads(TORCH_THREADS)
+    load_before = load_average()
+    results = []
+    for name in args.tasks or list(TASKS):
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results.append(run_task(name, settings))
+    print(
+        f"torch {torch.__version__}, {TORCH_THREADS} threads, preset "
+        f"{settings.preset}, seed {settings.seed}; corrections: "
+        f"{CORRECTION_STROKES} strokes per round, ours warm-starts "
+        f"{settings.round_seconds:g} s per round, RF refits; 1-min load average "
+        f"{load_before} before, {load_average()} after\n"
+    )
+    print(format_table(results, settings))
+
+
+if __name__ == "__main__":
+    main()
