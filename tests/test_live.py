@@ -110,3 +110,13 @@ def test_painting_a_new_class_grows_the_model(rng) -> None:
     assert head_after.shape[0] == 3
     assert not torch.equal(head_after[:2], torch.zeros_like(head_before))
     assert session.trainer.counts.tolist()[2] == int((labels == 3).sum())
+
+
+def test_the_learning_rate_can_change_between_rounds(rng) -> None:
+    session, labels = _session(rng)
+    mailbox = Mailbox()
+    mailbox.post_labels(labels)
+    list(iter_live(session, mailbox, round_seconds=0.05, rounds=1))
+    session.set_learning_rate(3e-4)
+    assert session.trainer.optimizer.param_groups[0]["lr"] == 3e-4
+    assert session.config.learning_rate == 3e-4

@@ -292,7 +292,7 @@ class DsparseWidget(Container):
         except InputError as error:
             show_warning(str(error))
             return
-        session.config = TrainConfig(learning_rate=self.learning_rate.value)
+        session.set_learning_rate(self.learning_rate.value)
         self._watch(self.scribble_picker.value)
         self._post_labels()
         self._post_view()

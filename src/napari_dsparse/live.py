@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -135,6 +135,13 @@ class LiveSession:
             self.trainer = Trainer(self.classifier, self.image, labels, self.config)
         else:
             self.trainer.set_labels(labels)
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        """Use ``learning_rate`` from the next step on (the optimiser state stays)."""
+        self.config = replace(self.config, learning_rate=learning_rate)
+        if self.trainer is not None:
+            for group in self.trainer.optimizer.param_groups:
+                group["lr"] = learning_rate
 
     def _new_classifier(self) -> Classifier:
         classifier = Classifier.create(
