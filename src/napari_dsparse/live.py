@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 LIVE_TILE = 256  # output pixels per preview tile side: about 0.1 s on 2 CPU cores
+AFTER_STROKE_SECONDS = 0.15  # training on new strokes before they are previewed
 
 
 class Mailbox:
@@ -250,4 +251,5 @@ def _train_round(
             session.labels_version,
         )
         if mailbox.has_new_labels() and _take_snapshot(session, mailbox):
-            start = time.perf_counter() - seconds / 2  # show the stroke soon
+            # show the stroke soon: a short burst of steps, then the preview
+            start = time.perf_counter() - seconds + min(seconds, AFTER_STROKE_SECONDS)
