@@ -28,6 +28,8 @@ OUT = ROOT / "docs" / "images"
 
 
 def train_and_grab(viewer: napari.Viewer, widget, name: str, seconds: float) -> None:
+    QApplication.processEvents()
+    viewer.reset_view()
     widget.start()
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:

@@ -11,6 +11,7 @@ from napari_dsparse.live import (
     Mailbox,
     PredictionUpdate,
     Waiting,
+    cpu_threads_for_live_training,
     iter_live,
     preview_boxes,
 )
@@ -120,3 +121,9 @@ def test_the_learning_rate_can_change_between_rounds(rng) -> None:
     session.set_learning_rate(3e-4)
     assert session.trainer.optimizer.param_groups[0]["lr"] == 3e-4
     assert session.config.learning_rate == 3e-4
+
+
+def test_live_training_leaves_a_core_for_the_gui() -> None:
+    assert cpu_threads_for_live_training(2) == 1
+    assert cpu_threads_for_live_training(8) == 7
+    assert cpu_threads_for_live_training(1) == 1

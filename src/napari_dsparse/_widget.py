@@ -34,6 +34,7 @@ from napari_dsparse.live import (
     Mailbox,
     PredictionUpdate,
     Waiting,
+    cpu_threads_for_live_training,
     iter_live,
 )
 from napari_dsparse.model import Classifier, pick_device
@@ -293,6 +294,8 @@ class DsparseWidget(Container):
             show_warning(str(error))
             return
         session.set_learning_rate(self.learning_rate.value)
+        if pick_device(session.device).type == "cpu":
+            torch.set_num_threads(cpu_threads_for_live_training())
         self._watch(self.scribble_picker.value)
         self._post_labels()
         self._post_view()

@@ -9,6 +9,7 @@ show up in the next update without waiting for the whole image.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Generator, Iterator
@@ -32,6 +33,17 @@ __all__ = [
 
 LIVE_TILE = 256  # output pixels per preview tile side: about 0.1 s on 2 CPU cores
 AFTER_STROKE_SECONDS = 0.15  # training on new strokes before they are previewed
+
+
+def cpu_threads_for_live_training(cpu_count: int | None = None) -> int:
+    """Torch threads for training next to a GUI: every core but one.
+
+    With all cores busy in torch, a GUI thread (or any other process) that needs a
+    core stalls torch's thread pool: on 2 cores, 2 threads gave 1 step/s next to a
+    busy core where 1 thread gave 5-6 (benchmarks/bench_quality.py, docs/benchmarks.md).
+    """
+    cpu_count = cpu_count or os.cpu_count() or 1
+    return max(1, cpu_count - 1)
 
 
 class Mailbox:
