@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=TORCH_THREADS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(TORCH_THREADS)
+    torch.set_num_threads(args.threads)
     load_before = load_average()
     seconds, repeats = (3.0, 3) if args.quick else (15.0, 10)
     core, live = [], []
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         core.append(measure_core(size, seconds, repeats, args.seed))
         live.append(measure_live(size, repeats, args.seed))
     print(
-        f"torch {torch.__version__}, {TORCH_THREADS} threads, preset "
+        f"torch {torch.__version__}, {args.threads} threads, preset "
         f"{DEFAULT_PRESET}; medians of {repeats} label updates; 1-min load "
         f"average {load_before} before, {load_average()} after\n"
     )

@@ -38,7 +38,7 @@ from napari_dsparse.scribbles import correction_strokes, initial_strokes
 from napari_dsparse.train import TrainConfig, Trainer, iter_train
 from tasks import TASKS, Task, make_task
 
-TORCH_THREADS = 2  # the target machine: 2 CPU cores
+TORCH_THREADS = 2  # the target machine: 2 CPU cores (RF: n_jobs=-1)
 STROKES_PER_CLASS = 4
 CORRECTION_STROKES = 4
 
@@ -233,6 +233,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="correction rounds")
+    parser.add_argument("--threads", type=int, default=TORCH_THREADS)
     args = parser.parse_args(argv)
     checkpoints = (3.0, 6.0, 12.0) if args.quick else (15.0, 30.0, 60.0)
     settings = Settings(
@@ -255,14 +256,14 @@ def load_average() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args, settings = parse_args(argv)
-    torch.set_num_threads(TORCH_THREADS)
+    torch.set_num_threads(args.threads)
     load_before = load_average()
     results = []
     for name in args.tasks or list(TASKS):
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results.append(run_task(name, settings))
     print(
-        f"torch {torch.__version__}, {TORCH_THREADS} threads, preset "
+        f"torch {torch.__version__}, {args.threads} threads, preset "
         f"{settings.preset}, seed {settings.seed}; corrections: "
         f"{CORRECTION_STROKES} strokes per round, ours warm-starts "
         f"{settings.round_seconds:g} s per round, RF refits; 1-min load average "
