@@ -1,6 +1,6 @@
 """Dense sparse-kernel networks vs patch-by-patch classification: one command.
 
-    .venv/bin/python benchmarks/bench_sparse.py          # docs/algorithm.md's tables
+    .venv/bin/python benchmarks/bench_sparse.py          # docs/algorithm.md (~30 min)
     .venv/bin/python benchmarks/bench_sparse.py --quick  # a short run (about a minute)
 
 Prints markdown tables: (1) the reference patch networks of docs/DESIGN.md at
@@ -332,9 +332,9 @@ STRATEGY_HEADER = header(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 rep")
-    parser.add_argument("--reps", type=int, default=None, help="best of N runs")
+    parser.add_argument("--reps", type=int, default=None, help="best of N (3)")
     args = parser.parse_args()
-    reps = args.reps or (1 if args.quick else 2)
+    reps = args.reps or (1 if args.quick else 3)
     nets, sizes = ([33, 65], [256]) if args.quick else ([33, 65, 133], [256, 512, 644])
     budget = 0.5 if args.quick else 1.5  # seconds per patch-by-patch config
 

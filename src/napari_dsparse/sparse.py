@@ -580,7 +580,7 @@ def choose_strategy(
 
     - CPU, gradients enabled (training): ``"space_to_batch"``. Forward + backward
       took the time of native dilation within noise (±15 %) for the measured 2D
-      networks, a quarter of it for 3D (where dilated backward also degrades
+      networks, a quarter to a half of it for 3D (dilated backward also degrades
       badly when another process competes for a core), and it never calls
       oneDNN's dilated backward, whose NCHW path is ~50x slower at 512 x 512
       and above: training cannot fall off that cliff whatever the layout.
