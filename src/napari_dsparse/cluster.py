@@ -31,17 +31,15 @@ Progress = Callable[[int, int], None]
 def predict_dask(classifier: Classifier, image: da.Array, tile: int) -> da.Array:
     """Lazy class probabilities ``(K, Z, Y, X)`` float32 of a ``(C, Z, Y, X)`` image."""
     halo = classifier.halo
-    _, depth, height, width = image.shape
-    chunked = image.rechunk((image.shape[0], 1, min(tile, height), min(tile, width)))
-    if min(min(chunked.chunks[2]), min(chunked.chunks[3])) <= halo:
-        chunked = chunked.rechunk(
-            (
-                image.shape[0],
-                1,
-                _no_small_chunks(height, tile, halo),
-                _no_small_chunks(width, tile, halo),
-            )
+    channels, _, height, width = image.shape
+    chunked = image.rechunk(
+        (
+            channels,
+            1,
+            _no_small_chunks(height, tile, halo),
+            _no_small_chunks(width, tile, halo),
         )
+    )
     return da.map_overlap(
         _predict_chunk,
         chunked,

@@ -17,11 +17,11 @@ __all__ = ["DEFAULT_COLORS", "Classifier", "pick_device"]
 Color = tuple[float, float, float, float]  # RGBA in [0, 1]
 
 # Matplotlib's tab10, in RGBA: distinct for the first ten classes, then repeated.
+_TAB10 = ("1f77b4", "ff7f0e", "2ca02c", "d62728", "9467bd")
+_TAB10 += ("8c564b", "e377c2", "7f7f7f", "bcbd22", "17becf")
 DEFAULT_COLORS: tuple[Color, ...] = tuple(
     (int(h[0:2], 16) / 255, int(h[2:4], 16) / 255, int(h[4:6], 16) / 255, 1.0)
-    for h in (
-        "1f77b4 ff7f0e 2ca02c d62728 9467bd 8c564b e377c2 7f7f7f bcbd22 17becf".split()
-    )
+    for h in _TAB10
 )
 
 
