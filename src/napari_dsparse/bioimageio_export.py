@@ -200,6 +200,8 @@ def _write_files(classifier: Classifier, folder: Path) -> dict[str, Path]:
         test_output = module(torch.from_numpy(test_input)).numpy()
     with warnings.catch_warnings():  # shape checks become constants: all dilated
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # TorchScript is deprecated in torch, but it is bioimage.io's torch format.
+        warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(module, torch.from_numpy(test_input))
     files = {
         "weights": folder / "weights_torchscript.pt",
@@ -211,7 +213,8 @@ def _write_files(classifier: Classifier, folder: Path) -> dict[str, Path]:
     traced.save(str(files["weights"]))
     for kind, tensor in (("input", test_input), ("output", test_output)):
         np.save(files[kind], tensor)
-        tifffile.imwrite(files[kind].with_suffix(".tif"), tensor)  # sample tensors
+        sample = files[kind].with_suffix(".tif")
+        tifffile.imwrite(sample, tensor, photometric="minisblack")
     _write_cover(classifier, test_input, test_output, files["cover"])
     files["readme"].write_text(_readme(classifier), encoding="utf-8")
     return files

@@ -26,6 +26,7 @@ from napari_dsparse.predict import labels_and_uncertainty
 __all__ = ["connect", "predict_dask", "predict_into_with_dask"]
 
 Progress = Callable[[int, int], None]
+CONNECT_TIMEOUT = "10s"  # how long to wait for a scheduler before giving up
 
 
 def predict_dask(classifier: Classifier, image: da.Array, tile: int) -> da.Array:
@@ -157,7 +158,7 @@ def connect(scheduler: str) -> Iterator:
             yield client
         return
     try:
-        client = Client(scheduler, timeout="10s")
+        client = Client(scheduler, timeout=CONNECT_TIMEOUT)
     except OSError as error:
         raise InputError(
             f"cannot reach the dask scheduler at {scheduler}: {error}"

@@ -374,6 +374,7 @@ def _write_tif_from(array, target: Path, spatial: tuple[int, ...], tile: int) ->
             shape=shape,
             dtype=array.dtype,
             tile=(tif_tile, tif_tile),
+            photometric="minisblack",
             compression="zlib",
             bigtiff=nbytes > 2**31,
         ),
