@@ -201,6 +201,9 @@ def main() -> None:
     parser.add_argument(
         "--workdir", help="where to write (default: a temporary folder)"
     )
+    parser.add_argument(
+        "--train-only", action="store_true", help="measure training only"
+    )
     args = parser.parse_args()
     folder = Path(args.workdir or tempfile.mkdtemp(prefix="bench-large-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -228,6 +231,9 @@ def main() -> None:
         ],
         args.threads,
     )
+    if args.train_only:
+        print(f"train: {train.seconds:.1f} s, peak RSS {train.peak_rss / 1e9:.2f} GB")
+        return
     predict = measure(
         "predict",
         [
