@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +117,16 @@ def test_model_without_a_format_version(make_classifier, image, tmp_path) -> Non
     torch.save(payload, tmp_path / "m.pt")
     with pytest.raises(ModelFileError, match="format version"):
         load_classifier(tmp_path / "m.pt")
+
+
+def test_a_full_disk_leaves_no_model_file(
+    make_classifier, image, tmp_path, monkeypatch
+) -> None:
+    def full_disk(payload, path) -> None:
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(InputError, match="disk is full"):
+        save_classifier(make_classifier(image), tmp_path / "model.pt")
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ receptive field, training provenance and the ``state_dict``. Nothing is pickled.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -85,9 +86,19 @@ def write_atomically(path: Path, write: Callable[[str], object]) -> None:
     try:
         write(temporary)
         os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise InputError(os_error_message(path, error)) from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def os_error_message(path: Path, error: OSError) -> str:
+    """A one-line reason why ``path`` could not be written."""
+    if error.errno == errno.ENOSPC:
+        return f"cannot write {path}: the disk is full (nothing was left behind)"
+    return f"cannot write {path}: {error.strerror or error}"
 
 
 def load_classifier(

@@ -12,7 +12,6 @@ name: an error or Ctrl-C leaves nothing that looks complete.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from napari_dsparse.data import InputError, as_channels_first
-from napari_dsparse.export import write_atomically
+from napari_dsparse.export import os_error_message, write_atomically
 from napari_dsparse.model import Classifier
 from napari_dsparse.predict import (
     _check_compatible,
@@ -261,7 +260,7 @@ def predict_file(
             for name, target in targets.items():
                 _write_tif_from(store[name], target, spatial, tile)
     except OSError as error:
-        raise InputError(_os_message(output, error)) from error
+        raise InputError(os_error_message(output, error)) from error
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return list(targets.values())
@@ -401,12 +400,6 @@ def _finish_zarr(scratch: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     else:
         os.replace(scratch, output)
-
-
-def _os_message(output: Path, error: OSError) -> str:
-    if error.errno == errno.ENOSPC:
-        return f"cannot write {output}: the disk is full (nothing was left behind)"
-    return f"cannot write {output}: {error.strerror or error}"
 
 
 @contextlib.contextmanager
