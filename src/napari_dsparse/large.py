@@ -257,7 +257,8 @@ def predict_file(
         if output.name.lower().endswith(".zarr"):
             _finish_zarr(scratch, output)
         else:
-            for name, target in targets.items():
+            # The classes last: once they exist, every result is complete.
+            for name, target in reversed(targets.items()):
                 _write_tif_from(store[name], target, spatial, tile)
     except OSError as error:
         raise InputError(os_error_message(output, error)) from error
