@@ -20,6 +20,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sparse.py
 	$(BIN)/python benchmarks/bench_quality.py
 	$(BIN)/python benchmarks/bench_latency.py
+	$(BIN)/python benchmarks/bench_large.py
 	xvfb-run -a $(BIN)/python benchmarks/bench_ui.py
 
 system-deps:

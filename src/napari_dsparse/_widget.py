@@ -496,6 +496,10 @@ class DsparseWidget(Container):
             show_warning("Train a model before exporting it.")
             return
         self._session.classifier.class_names = self._session.class_names
+        if self._watched is not None:  # the colours the user painted with
+            count = len(self._session.class_names)
+            colors = self._watched.colormap.map(np.arange(1, count + 1))
+            self._session.classifier.class_colors = tuple(map(tuple, colors.tolist()))
         try:
             save_classifier(self._session.classifier, path)
         except (InputError, OSError) as error:

@@ -44,7 +44,17 @@ def _run_predict(args: argparse.Namespace) -> int:
         device=args.device,
         channel_axis=args.channel_axis,
         report=print,
+        memory=args.memory,
+        scheduler=args.scheduler or args.dask,
+        show_progress=not args.quiet,
     )
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from napari_dsparse.bioimageio_export import export_bioimageio
+
+    export_bioimageio(args.model, args.bioimageio, report=print)
     return 0
 
 
@@ -94,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_run_demo)
     _add_train_parser(commands)
     _add_predict_parser(commands)
+    _add_export_parser(commands)
     return parser
 
 
@@ -136,7 +147,60 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
     )
     predict.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best)")
     _add_channel_axis(predict)
+    _add_large_image_options(predict)
     predict.set_defaults(func=_run_predict)
+
+
+def _add_large_image_options(predict: argparse.ArgumentParser) -> None:
+    from napari_dsparse.large import parse_memory
+
+    predict.add_argument(
+        "--memory",
+        type=_input_error_to_usage(parse_memory),
+        default="1GB",
+        help="memory for one tile's computation, e.g. 512MB, 4GB (default 1GB)",
+    )
+    predict.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    cluster = predict.add_mutually_exclusive_group()
+    cluster.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on the dask cluster whose scheduler is at ADDRESS "
+        "(e.g. tcp://10.0.0.5:8786)",
+    )
+    cluster.add_argument(
+        "--dask",
+        choices=["local"],
+        help="'local': run on a dask cluster started on this machine",
+    )
+
+
+def _input_error_to_usage(parse):
+    """An argparse type from a parser that raises ``InputError``."""
+    from napari_dsparse.data import InputError
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except InputError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export", help="convert a model file for other tools (bioimage.io)"
+    )
+    export.add_argument("model", help="model file written by 'train' or napari")
+    export.add_argument(
+        "--bioimageio",
+        metavar="OUT.zip",
+        required=True,
+        help="write a bioimage.io model package (spec 0.5, TorchScript weights)",
+    )
+    export.set_defaults(func=_run_export)
 
 
 def _add_channel_axis(parser: argparse.ArgumentParser) -> None:

@@ -16,9 +16,9 @@ from napari_dsparse.data import (
     class_counts,
 )
 from napari_dsparse.export import load_classifier, save_classifier
-from napari_dsparse.files import read_array, write_tif
+from napari_dsparse.files import read_array
+from napari_dsparse.large import DEFAULT_MEMORY, Outputs, predict_file, progress_bar
 from napari_dsparse.model import Classifier, pick_device
-from napari_dsparse.predict import labels_and_uncertainty, predict_proba
 from napari_dsparse.train import TrainConfig, Trainer, iter_train
 
 __all__ = ["predict_files", "train_from_files"]
@@ -109,32 +109,40 @@ def predict_files(
     device: str | None = None,
     channel_axis: int | None = None,
     report: Report = _silent,
+    memory: int = DEFAULT_MEMORY,
+    scheduler: str | None = None,
+    show_progress: bool = False,
 ) -> list[Path]:
-    """Predict each image with the model; returns the class files written."""
+    """Predict each image with the model; returns the class files written.
+
+    Images of any size are read lazily and predicted tile by tile within ``memory``
+    bytes (see :mod:`napari_dsparse.large`); ``scheduler`` (``"local"`` or an
+    address) runs the tiles on a dask cluster.
+    """
     classifier = load_classifier(model_path, _device(device))
     targets = _output_paths(image_paths, Path(output))
+    outputs = Outputs(probabilities=probabilities, uncertainty=uncertainty)
     written = []
     for image_path, classes_path in zip(image_paths, targets, strict=True):
-        raw = read_array(image_path)
-        image = as_channels_first(raw, channel_axis)
-        proba = predict_proba(classifier, image)  # (K, Z, Y, X)
-        classes, unsure = labels_and_uncertainty(proba)
-        spatial = image.shape[1:] if image.shape[1] > 1 else image.shape[2:]
-        written.append(write_tif(classes_path, classes.reshape(spatial)))
-        if probabilities:
-            write_tif(
-                _sibling(classes_path, "probabilities"),
-                proba.reshape((proba.shape[0], *spatial)),
+        with progress_bar(Path(image_path).name, show_progress) as progress:
+            paths = predict_file(
+                classifier,
+                image_path,
+                classes_path,
+                outputs,
+                memory=memory,
+                channel_axis=channel_axis,
+                progress=progress,
+                scheduler=scheduler,
             )
-        if uncertainty:
-            write_tif(_sibling(classes_path, "uncertainty"), unsure.reshape(spatial))
+        written.append(paths[0])
         report(f"{image_path} -> {classes_path}")
     return written
 
 
 def _output_paths(images: Sequence[str | Path], output: Path) -> list[Path]:
     """One .tif for a single image, else ``output/<image stem>.tif`` for each."""
-    if len(images) == 1 and output.suffix.lower() in (".tif", ".tiff"):
+    if len(images) == 1 and output.suffix.lower() in (".tif", ".tiff", ".zarr"):
         return [output]
     if output.suffix.lower() in (".tif", ".tiff"):
         raise InputError(
@@ -148,7 +156,3 @@ def _output_paths(images: Sequence[str | Path], output: Path) -> list[Path]:
     if len(set(stems)) < len(stems):
         raise InputError("two input images share a file name; outputs would collide")
     return [output / f"{stem}.tif" for stem in stems]
-
-
-def _sibling(path: Path, kind: str) -> Path:
-    return path.with_name(f"{path.stem}_{kind}.tif")
