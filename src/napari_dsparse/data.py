@@ -16,11 +16,16 @@ __all__ = [
     "InputError",
     "Normalization",
     "as_channels_first",
+    "as_planes",
     "check_image",
     "check_labels",
+    "check_trainable_image",
     "class_counts",
     "class_weights",
+    "missing_classes",
+    "painted_classes",
     "read_window",
+    "small_image_warning",
 ]
 
 
@@ -67,6 +72,61 @@ def check_image(image: np.ndarray, min_size: int = 1) -> None:
             f"the image is {height} x {width} pixels; the model needs at least "
             f"{min_size} x {min_size} (half its receptive field plus one)"
         )
+
+
+def check_trainable_image(image: np.ndarray) -> None:
+    """:func:`check_image`, and refuse an image whose pixels all have one value.
+
+    Prediction accepts a constant image (an empty frame is legitimate input); training
+    on one cannot tell classes apart, whatever is painted.
+    """
+    check_image(image)
+    if image.size and bool(image.min() == image.max()):
+        raise InputError(
+            f"every pixel of the image has the value {np.asarray(image.min()).item()}: "
+            "there is nothing to tell classes apart"
+        )
+
+
+def small_image_warning(spatial_shape: tuple[int, ...], patch_size: int) -> str | None:
+    """A warning when slices are smaller than the receptive field, else ``None``.
+
+    Such images still work: the missing context is mirrored, as at every border.
+    """
+    height, width = spatial_shape[-2:]
+    if min(height, width) >= patch_size:
+        return None
+    return (
+        f"the image ({height} x {width}) is smaller than the network's receptive "
+        f"field ({patch_size} x {patch_size}): its context is mirrored, predictions "
+        "may be poor"
+    )
+
+
+def as_planes(image: np.ndarray) -> np.ndarray:
+    """Merge every axis between channels and ``(Y, X)`` into one slice axis.
+
+    ``(C, T, Z, Y, X)`` (a time series of volumes) becomes ``(C, T * Z, Y, X)``: the
+    networks are 2D, so each time point and plane is a slice of its own.
+    """
+    return image.reshape((image.shape[0], -1, *image.shape[-2:]))
+
+
+def painted_classes(labels: np.ndarray) -> np.ndarray:
+    """The class ids 1..K with at least one painted pixel, sorted.
+
+    ``labels`` are validated (non-negative integers, see :func:`check_labels`).
+    """
+    present = np.flatnonzero(np.bincount(labels.ravel()))
+    return present[present > 0]
+
+
+def missing_classes(labels: np.ndarray) -> list[int]:
+    """Class ids between 1 and the largest painted one without any stroke (gaps)."""
+    present = painted_classes(labels)
+    if not present.size:
+        return []
+    return sorted(set(range(1, int(present[-1]) + 1)) - set(present.tolist()))
 
 
 def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarray:
