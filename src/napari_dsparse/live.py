@@ -156,6 +156,7 @@ class LiveSession:
     last_good: Checkpoint | None = None
     notices: list[str] = field(default_factory=list)  # for the user, not shown yet
     _gaps: list[int] = field(default_factory=list)
+    _told: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         check_trainable_image(self.image)
@@ -199,7 +200,7 @@ class LiveSession:
                 self.image.shape[1:], self.classifier.patch_size
             )
             if warning:
-                self.notices.append(warning)
+                self.tell(warning)
         else:
             self.trainer.set_labels(labels)
 
@@ -213,10 +214,14 @@ class LiveSession:
                 else str(k)
                 for k in gaps
             )
-            self.notices.append(
-                f"no strokes of class {names}: it is not predicted until painted"
-            )
+            self.tell(f"no strokes of class {names}: it is not predicted until painted")
         self._gaps = gaps
+
+    def tell(self, message: str) -> None:
+        """Queue ``message`` for the user, once per session."""
+        if message not in self._told:
+            self._told.add(message)
+            self.notices.append(message)
 
     def keep_last_good(self) -> None:
         """Remember the trainer's state as the one to return to after divergence."""
@@ -230,18 +235,18 @@ class LiveSession:
         return self.last_good.steps_done
 
     def recover_from_out_of_memory(self) -> str:
-        """Train on smaller batches, or on the CPU when they are already minimal."""
+        """Train on smaller batches; once they are minimal, on the CPU."""
         assert self.trainer is not None
         free_accelerator_memory()
         smaller = smaller_config(self.trainer.config)
-        if smaller is not None and self.classifier.device.type != "cpu":
+        if smaller is not None:
             self.config = self.trainer.config = smaller
             return (
-                "out of GPU memory: training on smaller batches "
+                "out of memory: training on smaller batches "
                 f"({smaller.batch_size} crops of {smaller.crop_size} px)"
             )
-        if self.classifier.device.type == "cpu":
-            raise MemoryError("out of memory on the CPU: close other programs")
+        if self.trainer.classifier.device.type == "cpu":
+            raise MemoryError("out of memory even on the CPU: close other programs")
         move_trainer(self.trainer, "cpu")
         self.device = "cpu"
         return "out of GPU memory: training moved to the CPU (slower)"
@@ -305,10 +310,14 @@ class LiveSession:
                 raise
         free_accelerator_memory()
         height, width = box.r1 - box.r0, box.c1 - box.c0
-        if max(height, width) <= MIN_OOM_TILE or self.classifier.device.type == "cpu":
-            self.notices.append(self.recover_from_out_of_memory())
+        if max(height, width) <= MIN_OOM_TILE:
+            if self.classifier.device.type == "cpu":
+                raise MemoryError("out of memory even on the CPU: close other programs")
+            move_trainer(self.trainer, "cpu")
+            self.device = "cpu"
+            self.tell("out of GPU memory: moved to the CPU (slower)")
             return predict_box(self.classifier, self.image, box)
-        self.notices.append("out of GPU memory: predicting in smaller tiles")
+        self.tell("out of GPU memory: predicting in smaller tiles")
         half = max(height, width) // 2
         proba = np.empty((self.classifier.num_classes, height, width), np.float32)
         for part in iter_tiles(self.image.shape[1:], half, box):
@@ -427,7 +436,7 @@ def _step(session: LiveSession) -> tuple[float, str] | _Diverged:
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
-            session.notices.append(session.recover_from_out_of_memory())
+            session.tell(session.recover_from_out_of_memory())
             continue
         if has_diverged(loss, session.trainer.classifier.patch_net):
             return _Diverged(
