@@ -39,7 +39,8 @@ def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.
     With ``channel_axis=None`` the layout is inferred as napari does for RGB: a 3D
     array whose last axis has 3 or 4 entries is ``(Y, X, RGB[A])`` (alpha ignored);
     any other 2D or 3D array is one channel (``(Y, X)`` or ``(Z, Y, X)``). Arrays of
-    4 dimensions need an explicit ``channel_axis`` (the others are then ``Z, Y, X``).
+    4 or more dimensions need an explicit ``channel_axis``; the others are then
+    ``Z, Y, X`` or, for time series, ``T, Z, Y, X`` merged into slices.
     """
     if image.ndim == 3 and channel_axis is None and image.shape[-1] in (3, 4):
         return np.moveaxis(image[..., :3], -1, 0)[:, None]  # RGB; alpha ignored
@@ -53,9 +54,9 @@ def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.
     moved = np.moveaxis(image, channel_axis, 0)
     if moved.ndim == 3:
         return moved[:, None]
-    if moved.ndim == 4:
-        return moved
-    raise InputError(f"expected 2D or 3D images with channels, got shape {image.shape}")
+    if moved.ndim >= 4:  # volumes; time series of planes or volumes as slices
+        return as_planes(moved)
+    raise InputError(f"expected 2 or more dimensions, got shape {image.shape}")
 
 
 def check_image(image: np.ndarray, min_size: int = 1) -> None:
@@ -132,6 +133,9 @@ def missing_classes(labels: np.ndarray) -> list[int]:
 def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarray:
     """Validate painted labels against the image; return them as ``(Z, Y, X)`` int64."""
     image_shape = spatial_shape[1:] if spatial_shape[0] == 1 else spatial_shape
+    planes = int(np.prod(labels.shape[:-2]))
+    if labels.ndim > 3 and (planes, *labels.shape[-2:]) == tuple(spatial_shape):
+        labels = labels.reshape(spatial_shape)  # a time series: planes as slices
     if labels.shape not in (spatial_shape, image_shape):
         raise InputError(
             f"labels shape {labels.shape} differs from the image's {image_shape}"
