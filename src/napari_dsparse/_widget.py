@@ -387,7 +387,9 @@ class DsparseWidget(Container):
         self.status.value = f"Stopped: {message}"
 
     def _on_event(
-        self, session: LiveSession, event: TrainStatus | PredictionUpdate | Waiting
+        self,
+        session: LiveSession,
+        event: TrainStatus | PredictionUpdate | Waiting | Notice | TrainingPaused,
     ) -> None:
         if session is not self._session or not self._alive:
             return  # queued from a session that was stopped and dropped since

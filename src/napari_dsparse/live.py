@@ -366,7 +366,9 @@ def iter_live(
     mailbox: Mailbox,
     round_seconds: float = 0.4,
     rounds: int | None = None,
-) -> Generator[TrainStatus | PredictionUpdate | Waiting, None, None]:
+) -> Generator[
+    TrainStatus | PredictionUpdate | Waiting | Notice | TrainingPaused, None, None
+]:
     """Train in rounds of ``round_seconds`` and stream predictions (forever by default).
 
     Yields after every step and every tile, so a worker can quit promptly. When the
@@ -382,12 +384,12 @@ def iter_live(
             yield Waiting(session.waiting_reason)
             time.sleep(0.05)
             continue
-        healthy = yield from _train_round(session, mailbox, round_seconds)
+        diverged = yield from _train_round(session, mailbox, round_seconds)
         yield from _notices(session)
-        if not healthy:
+        if diverged:
             step = session.restore_last_good()
             yield TrainingPaused(
-                f"training paused: {healthy.message}; the model is back at step "
+                f"training paused: {diverged}; the model is back at step "
                 f"{step}. Lower the learning rate and press Train",
                 step,
             )
@@ -415,31 +417,25 @@ def _take_snapshot(session: LiveSession, mailbox: Mailbox) -> bool:
     return session.ready
 
 
-@dataclass(frozen=True)
-class _Diverged:
-    """Falsy outcome of a round whose loss diverged."""
+def _step(session: LiveSession) -> tuple[float, str] | str:
+    """One training step: its loss and mode, or why it diverged.
 
-    message: str
-
-    def __bool__(self) -> bool:
-        return False
-
-
-def _step(session: LiveSession) -> tuple[float, str] | _Diverged:
-    """One training step, shrinking the work on out-of-memory errors."""
+    Out of memory, the work shrinks (see :meth:`LiveSession.recover_from_out_of_memory`)
+    and the step is tried again.
+    """
     assert session.trainer is not None
     while True:
         try:
             loss, mode = session.trainer.step()
         except TrainingDiverged as error:
-            return _Diverged(str(error).split(";")[0])
+            return str(error).split(";")[0]  # without train.py's advice
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
             session.tell(session.recover_from_out_of_memory())
             continue
         if has_diverged(loss, session.trainer.classifier.patch_net):
-            return _Diverged(
+            return (
                 f"the loss exploded to {loss:.3g} at step {session.trainer.steps_done}"
             )
         return loss, mode
@@ -447,14 +443,14 @@ def _step(session: LiveSession) -> tuple[float, str] | _Diverged:
 
 def _train_round(
     session: LiveSession, mailbox: Mailbox, seconds: float
-) -> Generator[TrainStatus, None, bool | _Diverged]:
-    """Train for ``seconds``; returns ``True``, or a falsy :class:`_Diverged`."""
+) -> Generator[TrainStatus, None, str | None]:
+    """Train for ``seconds``; returns why the loss diverged, or ``None``."""
     assert session.trainer is not None
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         tick = time.perf_counter()
         outcome = _step(session)
-        if not outcome:
+        if isinstance(outcome, str):
             return outcome
         loss, mode = outcome
         yield TrainStatus(
@@ -468,4 +464,4 @@ def _train_round(
         if mailbox.has_new_labels() and _take_snapshot(session, mailbox):
             # show the stroke soon: a short burst of steps, then the preview
             start = time.perf_counter() - seconds + min(seconds, AFTER_STROKE_SECONDS)
-    return True
+    return None
