@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import napari_dsparse.faults as faults
 import napari_dsparse.live as live
 from napari_dsparse.faults import Checkpoint, has_diverged, smaller_config
 from napari_dsparse.live import (
@@ -158,14 +159,14 @@ def test_out_of_memory_in_prediction_uses_smaller_exact_tiles(rng, monkeypatch) 
     list(iter_live(session, mailbox, round_seconds=0.05, rounds=1))
     box = Box(0, 0, 40, 0, 50)
     expected = session.predict(box)
-    original = live.predict_box
+    original = faults.predict_box
 
     def small_tiles_only(classifier, image, part):
         if (part.r1 - part.r0) * (part.c1 - part.c0) > 25 * 25:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return original(classifier, image, part)
 
-    monkeypatch.setattr(live, "predict_box", small_tiles_only)
+    monkeypatch.setattr(faults, "predict_box", small_tiles_only)
     update = session.predict(box)
     np.testing.assert_allclose(update.uncertainty, expected.uncertainty, atol=1e-6)
     np.testing.assert_array_equal(update.classes, expected.classes)

@@ -31,6 +31,7 @@ from qtpy.QtWidgets import QFileDialog
 
 from napari_dsparse.data import InputError, as_planes
 from napari_dsparse.export import load_classifier, save_classifier
+from napari_dsparse.faults import predict_fitting
 from napari_dsparse.live import (
     LiveSession,
     Mailbox,
@@ -48,7 +49,6 @@ from napari_dsparse.predict import (
     Box,
     iter_tiles,
     labels_and_uncertainty,
-    predict_box,
 )
 from napari_dsparse.samples import CLASS_NAMES
 from napari_dsparse.session import (
@@ -640,8 +640,10 @@ class DsparseWidget(Container):
     ) -> GeneratorWorker:
         boxes = list(iter_tiles(image.shape[1:], DEFAULT_TILE))
 
-        def write(update: tuple[Box, np.ndarray]) -> None:
-            box, classes = update
+        def write(update: tuple[Box, np.ndarray, list[str]]) -> None:
+            box, classes, messages = update
+            for message in messages:
+                show_warning(message)
             index = (slice(box.r0, box.r1), slice(box.c0, box.c1))
             layer.data[(*_plane_index(layer.data.shape, box.z), *index)] = classes
             layer.refresh()
@@ -781,10 +783,16 @@ class DsparseWidget(Container):
 
 def _predict_boxes(
     classifier: Classifier, image: np.ndarray, boxes: list[Box]
-) -> Iterator[tuple[Box, np.ndarray]]:
+) -> Iterator[tuple[Box, np.ndarray, list[str]]]:
+    """Classes of each box, with messages for the user said for the first time."""
+    said: list[str] = []
     for box in boxes:
-        classes, _ = labels_and_uncertainty(predict_box(classifier, image, box))
-        yield box, classes
+        told: list[str] = []
+        proba = predict_fitting(classifier, image, box, told.append)
+        classes, _ = labels_and_uncertainty(proba)
+        new = [message for message in dict.fromkeys(told) if message not in said]
+        said.extend(new)
+        yield box, classes, new
 
 
 class WorkerError(Exception):

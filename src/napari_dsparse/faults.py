@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from napari_dsparse.model import Classifier
+from napari_dsparse.predict import Box, iter_tiles, predict_box
 from napari_dsparse.train import TrainConfig, Trainer
 
 __all__ = [
@@ -25,6 +29,7 @@ __all__ = [
     "has_diverged",
     "is_out_of_memory",
     "move_trainer",
+    "predict_fitting",
     "smaller_config",
 ]
 
@@ -33,6 +38,7 @@ __all__ = [
 DIVERGED_LOSS = 100.0
 MIN_BATCH = 1
 MIN_CROP = 16  # output pixels per crop side below which smaller crops learn nothing
+MIN_OOM_TILE = 32  # tiles this small that still run out of memory need the CPU
 
 
 @dataclass(frozen=True)
@@ -113,3 +119,31 @@ def move_trainer(trainer: Trainer, device: torch.device | str) -> None:
             # Adam keeps its scalar step on the CPU unless capturable/fused
             if isinstance(value, torch.Tensor) and key != "step":
                 state[key] = value.to(device)
+
+
+def predict_fitting(
+    classifier: Classifier,
+    image: np.ndarray,
+    box: Box,
+    tell: Callable[[str], None] = lambda _message: None,
+) -> np.ndarray:
+    """:func:`predict_box`, in quarters when accelerator memory runs out.
+
+    Tiles are exact, so the parts give the numbers of the whole box. A tile of
+    ``MIN_OOM_TILE`` pixels or less that still runs out re-raises the error (the
+    caller may move to the CPU). ``tell`` hears about the smaller tiles.
+    """
+    try:
+        return predict_box(classifier, image, box)
+    except Exception as error:
+        height, width = box.r1 - box.r0, box.c1 - box.c0
+        if not is_out_of_memory(error) or max(height, width) <= MIN_OOM_TILE:
+            raise
+    free_accelerator_memory()
+    tell("out of GPU memory: predicting in smaller tiles")
+    proba = np.empty((classifier.num_classes, height, width), np.float32)
+    for part in iter_tiles(image.shape[1:], max(height, width) // 2, box):
+        rows = slice(part.r0 - box.r0, part.r1 - box.r0)
+        cols = slice(part.c0 - box.c0, part.c1 - box.c0)
+        proba[:, rows, cols] = predict_fitting(classifier, image, part, tell)
+    return proba

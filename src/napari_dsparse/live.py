@@ -31,6 +31,7 @@ from napari_dsparse.faults import (
     has_diverged,
     is_out_of_memory,
     move_trainer,
+    predict_fitting,
     smaller_config,
 )
 from napari_dsparse.model import Classifier, pick_device
@@ -49,7 +50,6 @@ __all__ = [
 ]
 
 LIVE_TILE = 256  # output pixels per preview tile side: about 0.1 s on 2 CPU cores
-MIN_OOM_TILE = 32  # below this, a tile that runs out of GPU memory goes to the CPU
 AFTER_STROKE_SECONDS = 0.15  # training on new strokes before they are previewed
 
 
@@ -299,34 +299,18 @@ class LiveSession:
         )
 
     def _predict_fitting(self, box: Box) -> np.ndarray:
-        """``predict_box``, in quarters (then on the CPU) when GPU memory runs out.
-
-        Tiles are exact, so the quarters give the same numbers as the whole box.
-        """
+        """``predict_box`` in smaller tiles, then on the CPU, when memory runs out."""
         try:
-            return predict_box(self.classifier, self.image, box)
+            return predict_fitting(self.classifier, self.image, box, self.tell)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
-        free_accelerator_memory()
-        height, width = box.r1 - box.r0, box.c1 - box.c0
-        if max(height, width) <= MIN_OOM_TILE:
-            if self.classifier.device.type == "cpu":
-                raise MemoryError("out of memory even on the CPU: close other programs")
-            move_trainer(self.trainer, "cpu")
-            self.device = "cpu"
-            self.tell("out of GPU memory: moved to the CPU (slower)")
-            return predict_box(self.classifier, self.image, box)
-        self.tell("out of GPU memory: predicting in smaller tiles")
-        half = max(height, width) // 2
-        proba = np.empty((self.classifier.num_classes, height, width), np.float32)
-        for part in iter_tiles(self.image.shape[1:], half, box):
-            proba[
-                :,
-                part.r0 - box.r0 : part.r1 - box.r0,
-                part.c0 - box.c0 : part.c1 - box.c0,
-            ] = self._predict_fitting(part)
-        return proba
+        if self.classifier.device.type == "cpu":
+            raise MemoryError("out of memory even on the CPU: close other programs")
+        move_trainer(self.trainer, "cpu")
+        self.device = "cpu"
+        self.tell("out of GPU memory: moved to the CPU (slower)")
+        return predict_box(self.classifier, self.image, box)
 
 
 def preview_boxes(

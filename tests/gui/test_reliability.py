@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import napari_dsparse._widget as widget_module
+import napari_dsparse.faults as faults
 from napari_dsparse._demo import PLUGIN, WIDGET
 from napari_dsparse.live import LiveSession
 
@@ -258,3 +259,29 @@ def test_autosave_writes_the_session_file(
     assert (tmp_path / "auto.pt").is_file() and "Autosaved" in widget.status.value
     widget.autosave_minutes.value = 0
     assert not widget._autosave_timer.isActive()
+
+
+def test_out_of_memory_while_applying_uses_smaller_tiles(
+    make_napari_viewer, qtbot, shown, monkeypatch
+) -> None:
+    viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image())
+    _train_briefly(widget, qtbot)
+    other = viewer.add_image(_disc_image(80), name="other")
+    with qtbot.waitSignal(widget.apply_to_layer(other).finished, timeout=30_000):
+        pass
+    expected = viewer.layers["other prediction"].data.copy()
+    viewer.layers.remove("other prediction")
+    original = faults.predict_box
+
+    def small_tiles_only(classifier, image, box):
+        if (box.r1 - box.r0) * (box.c1 - box.c0) > 40 * 40:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return original(classifier, image, box)
+
+    monkeypatch.setattr(faults, "predict_box", small_tiles_only)
+    with qtbot.waitSignal(widget.apply_to_layer(other).finished, timeout=30_000):
+        pass
+    np.testing.assert_array_equal(viewer.layers["other prediction"].data, expected)
+    assert (
+        shown.count(("warning", "out of GPU memory: predicting in smaller tiles")) == 1
+    )
