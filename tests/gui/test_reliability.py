@@ -113,9 +113,19 @@ def test_a_time_series_trains_per_time_point(make_napari_viewer, qtbot) -> None:
     assert prediction[1, 0].min() >= 1  # the time point on screen is predicted
 
 
-def test_a_dask_backed_layer_trains_lazily(make_napari_viewer, qtbot) -> None:
+@pytest.mark.parametrize("backend", ["dask", "zarr"])
+def test_dask_and_zarr_backed_layers_train_lazily(
+    make_napari_viewer, qtbot, backend
+) -> None:
     da = pytest.importorskip("dask.array")
-    lazy = da.from_array(_disc_image(), chunks=32)
+    if backend == "zarr":
+        zarr = pytest.importorskip("zarr")
+        lazy = zarr.create_array(
+            store={}, shape=(64, 64), chunks=(32, 32), dtype="float32"
+        )
+        lazy[:] = _disc_image()
+    else:
+        lazy = da.from_array(_disc_image(), chunks=32)
     _viewer, widget, _ = _viewer_with(make_napari_viewer, lazy)
     _train_briefly(widget, qtbot)
     assert isinstance(widget._session.image, da.Array)
