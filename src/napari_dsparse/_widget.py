@@ -393,6 +393,9 @@ class DsparseWidget(Container):
     ) -> None:
         if session is not self._session or not self._alive:
             return  # queued from a session that was stopped and dropped since
+        stopping = self._worker is not None and self._worker.abort_requested
+        if isinstance(event, TrainStatus | Waiting) and stopping:
+            return  # queued before a pause: keep the pause's message
         if isinstance(event, TrainStatus):
             self.status.value = _status_text(session, event)
         elif isinstance(event, PredictionUpdate):
