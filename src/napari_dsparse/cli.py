@@ -221,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as error:
         print(f"napari-dsparse {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # e.g. an output path that is a folder, a full disk
+        print(f"napari-dsparse {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"napari-dsparse {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -11,8 +11,8 @@ from napari_dsparse.data import (
     InputError,
     Normalization,
     as_channels_first,
-    check_image,
     check_labels,
+    check_trainable_image,
     class_counts,
 )
 from napari_dsparse.export import load_classifier, save_classifier
@@ -52,7 +52,7 @@ def train_from_files(
 ) -> Classifier:
     """Train on an image and its painted labels; write the model to ``output``."""
     image = as_channels_first(read_array(image_path), channel_axis)  # (C, Z, Y, X)
-    check_image(image)
+    check_trainable_image(image)
     labels = check_labels(read_array(labels_path), image.shape[1:])
     num_classes = int(labels.max())
     counts = class_counts(labels, num_classes)
