@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from napari_dsparse.export import (
     load_classifier,
     save_classifier,
 )
+from napari_dsparse.model import Classifier
+from napari_dsparse.nets import build_patch_net
 from napari_dsparse.predict import predict_proba
 
 
@@ -29,6 +32,7 @@ def image(rng) -> np.ndarray:
 
 def test_round_trip_predicts_identically(make_classifier, image, tmp_path) -> None:
     classifier = make_classifier(image, num_classes=3, seed=4)
+    classifier.fit_feature_scale(image)  # its fitted buffers travel with the file
     classifier.provenance.update(steps=12, seed=4)
     path = save_classifier(classifier, tmp_path / "model.pt")
     loaded = load_classifier(path)
@@ -130,3 +134,25 @@ def test_a_full_disk_leaves_no_model_file(
     with pytest.raises(InputError, match="disk is full"):
         save_classifier(make_classifier(image), tmp_path / "model.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_from_before_the_feature_scale_load_unchanged(
+    make_classifier, image, tmp_path
+) -> None:
+    classifier = make_classifier(image, seed=2)
+    classifier = Classifier(
+        replace(classifier.preset, standardize=False),
+        classifier.in_channels,
+        classifier.class_names,
+        classifier.normalization,
+        build_patch_net(replace(classifier.preset, standardize=False), 1, 2),
+    )
+    path = save_classifier(classifier, tmp_path / "old.pt")
+    payload = torch.load(path, weights_only=True)
+    del payload["preset"]["standardize"]  # as written before the field existed
+    torch.save(payload, path)
+    loaded = load_classifier(path)
+    assert loaded.feature_scale() is None
+    np.testing.assert_allclose(
+        predict_proba(loaded, image), predict_proba(classifier, image), atol=1e-6
+    )

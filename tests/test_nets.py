@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from napari_dsparse.data import Normalization, as_channels_first
+from napari_dsparse.model import Classifier
 from napari_dsparse.nets import (
     PRESETS,
+    FeatureScale,
     FilterInvariants,
     build_patch_net,
     filter_bank,
@@ -28,6 +31,8 @@ def test_every_preset_is_checked_for_exactness() -> None:
 @pytest.mark.parametrize(("preset", "channels", "dtype", "tolerance"), EXACTNESS_CASES)
 def test_presets_are_exact_dense_networks(preset, channels, dtype, tolerance) -> None:
     net = build_patch_net(preset, channels, 3).to(dtype).eval()
+    scale = next(m for m in net if isinstance(m, FeatureScale))
+    scale.fit(torch.randn(2, scale.shift.numel(), 5, 5, dtype=dtype))  # not identity
     dense = to_dense(net)
     x = torch.randn(1, channels, 28, 33, dtype=dtype)
     with torch.no_grad():
@@ -69,3 +74,21 @@ def test_invariants_do_not_depend_on_orientation() -> None:
     features = invariants(filters(x))[:, filters.out_channels :]
     turned = invariants(filters(torch.rot90(x, 1, (2, 3))))[:, filters.out_channels :]
     torch.testing.assert_close(torch.rot90(features, 1, (2, 3)), turned)
+
+
+def test_feature_scale_is_fitted_once_to_the_first_training_image(rng) -> None:
+    image = as_channels_first(rng.normal(500, 80, (3, 150, 170)), channel_axis=0)
+    classifier = Classifier.create(3, ("a", "b"), Normalization.from_image(image))
+    scale = classifier.feature_scale()
+    assert scale is not None and scale.fitted.item() == 0
+    classifier.fit_feature_scale(image)
+    assert scale.fitted.item() == 1
+    trunk = torch.nn.Sequential(*list(classifier.patch_net)[:2])
+    window = classifier.normalization.apply(image[:, 0])  # (C, Y, X)
+    with torch.no_grad():
+        features = scale(trunk(torch.from_numpy(window)[None]))
+    assert features.mean((0, 2, 3)).abs().max() < 0.2  # sampled windows: not exact
+    assert (features.std((0, 2, 3)) - 1).abs().max() < 0.2
+    fitted = scale.shift.clone()
+    classifier.fit_feature_scale(image * 2 + 100)  # a trained model keeps its own
+    torch.testing.assert_close(scale.shift, fitted, rtol=0, atol=0)

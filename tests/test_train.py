@@ -64,6 +64,7 @@ def test_pixels_outside_every_painted_patch_do_not_change_a_step(
     after = []
     for image in (gray_image, changed):
         classifier = make_classifier(gray_image)  # same normalisation for both
+        classifier.fit_feature_scale(gray_image)  # and the same feature scale
         trainer = Trainer(classifier, image, labels, WHOLE)
         trainer.step()
         after.append(_parameters(trainer))

@@ -113,6 +113,8 @@ def load_classifier(
                 **spec,
                 "filter_scales": tuple(spec["filter_scales"]),
                 "context_widths": tuple(spec["context_widths"]),
+                # files from before the feature standardisation have none
+                "standardize": spec.get("standardize", False),
             }
         )
         net = build_patch_net(

@@ -5,11 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from napari_dsparse.data import Normalization
-from napari_dsparse.nets import DEFAULT_PRESET, PRESETS, Preset, build_patch_net
+from napari_dsparse.data import Normalization, read_window
+from napari_dsparse.nets import (
+    DEFAULT_PRESET,
+    PRESETS,
+    FeatureScale,
+    Preset,
+    build_patch_net,
+)
 from napari_dsparse.sparse import DenseNet, to_dense
 
 __all__ = ["DEFAULT_COLORS", "Classifier", "pick_device"]
@@ -23,6 +30,32 @@ DEFAULT_COLORS: tuple[Color, ...] = tuple(
     (int(h[0:2], 16) / 255, int(h[2:4], 16) / 255, int(h[4:6], 16) / 255, 1.0)
     for h in _TAB10
 )
+
+
+def _sample_windows(
+    image: np.ndarray,
+    normalization: Normalization,
+    z: int,
+    halo: int,
+    side: int = 128,
+    per_axis: int = 3,
+) -> list[np.ndarray]:
+    """Normalised windows (with halos) on a regular grid over slice ``z``."""
+    height, width = image.shape[-2:]
+    rows = np.unique(np.linspace(0, max(height - side, 0), per_axis).astype(int))
+    cols = np.unique(np.linspace(0, max(width - side, 0), per_axis).astype(int))
+    return [
+        read_window(
+            image,
+            normalization,
+            z,
+            (r, min(r + side, height)),
+            (c, min(c + side, width)),
+            halo,
+        )
+        for r in rows
+        for c in cols
+    ]
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -122,6 +155,34 @@ class Classifier:
         grown.provenance = dict(self.provenance)
         grown.class_colors = self.class_colors
         return grown
+
+    def feature_scale(self) -> FeatureScale | None:
+        """The network's feature standardisation, if its preset has one."""
+        return next((m for m in self.patch_net if isinstance(m, FeatureScale)), None)
+
+    def fit_feature_scale(
+        self, image: np.ndarray, normalization: Normalization | None = None
+    ) -> None:
+        """Fit the feature standardisation to ``(C, Z, Y, X)`` ``image`` once.
+
+        A no-op when the preset has none or it is already fitted (a trained or
+        loaded model keeps its own). Statistics come from up to 3 x 3 windows of
+        128 x 128 pixels spread over the middle slice, so huge images cost no more
+        than small ones.
+        """
+        scale = self.feature_scale()
+        if scale is None or scale.fitted.item():
+            return
+        normalization = normalization or self.normalization
+        layers = list(self.patch_net)
+        trunk = nn.Sequential(*layers[: layers.index(scale)])
+        z = image.shape[1] // 2
+        with torch.no_grad():
+            features = [
+                trunk(torch.from_numpy(window).to(self.device)[None])
+                for window in _sample_windows(image, normalization, z, self.halo)
+            ]
+        scale.fit(torch.cat([f.flatten(2) for f in features], 2))
 
     def to(self, device: torch.device | str) -> Classifier:
         """Move the network to ``device`` in place; returns ``self``."""

@@ -17,7 +17,14 @@ from torch import nn
 
 from napari_dsparse.sparse import DenseNet, PixelwiseModule, to_dense
 
-__all__ = ["PRESETS", "Preset", "build_patch_net", "filter_bank", "macs_per_pixel"]
+__all__ = [
+    "PRESETS",
+    "FeatureScale",
+    "Preset",
+    "build_patch_net",
+    "filter_bank",
+    "macs_per_pixel",
+]
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class Preset:
     head_width: int  # hidden units of the fully connected head
     summary: str
     invariants: bool = True  # append gradient magnitude and Hessian eigenvalues
+    standardize: bool = True  # fixed per-feature shift and scale, fitted to the image
 
 
 PRESETS: dict[str, Preset] = {
@@ -146,6 +154,38 @@ class FilterInvariants(PixelwiseModule):
         return torch.cat([x, gradient, half_trace + radius, half_trace - radius], 1)
 
 
+class FeatureScale(PixelwiseModule):
+    """Fixed standardisation of the filter-bank features: ``(x - shift) * scale``.
+
+    The filter responses differ in offset and spread by orders of magnitude (a
+    smoothed intensity around 0.5, a second derivative around 0.01). Adam moves
+    every weight by about the same amount per step, so the trainable layer after
+    the bank learns fast only when its inputs are standardised. The buffers are
+    fitted once to the image a model is first trained on
+    (:meth:`napari_dsparse.model.Classifier.fit_feature_scale`), then frozen and
+    saved with the model; ``fitted`` records that this happened. Per pixel, so the
+    dense network stays exact.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(channels))
+        self.register_buffer("scale", torch.ones(channels))
+        self.register_buffer("fitted", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, *spatial)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - self.shift.view(view)) * self.scale.view(view)
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> None:
+        """Standardise ``(N, C, *spatial)`` features to zero mean, unit spread."""
+        per_channel = features.transpose(0, 1).flatten(1)  # (C, pixels)
+        self.shift.copy_(per_channel.mean(1))
+        self.scale.copy_(1 / per_channel.std(1).clamp(min=1e-3))
+        self.fitted.fill_(1.0)
+
+
 def build_patch_net(
     preset: Preset | str, in_channels: int, num_classes: int
 ) -> nn.Sequential:
@@ -158,6 +198,8 @@ def build_patch_net(
         invariants = FilterInvariants(in_channels, len(preset.filter_scales))
         layers.append(invariants)
         features = invariants.out_channels(features)
+    if preset.standardize:
+        layers.append(FeatureScale(features))
     layers += [
         nn.Conv2d(features, preset.mix_width, 1),
         nn.ReLU(),

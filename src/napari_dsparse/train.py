@@ -81,6 +81,7 @@ class Trainer:
         config: TrainConfig | None = None,
     ) -> None:
         self.classifier = classifier
+        classifier.fit_feature_scale(image)  # once, for a fresh model
         self.image = image
         self.config = config or TrainConfig()
         self.rng = np.random.default_rng(self.config.seed)
