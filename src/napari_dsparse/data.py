@@ -18,6 +18,7 @@ __all__ = [
     "NORMALIZATION_POLICIES",
     "InputError",
     "Normalization",
+    "NormalizationPolicy",
     "as_channels_first",
     "check_image",
     "check_labels",
