@@ -22,6 +22,7 @@ from napari_dsparse.model import Classifier, pick_device
 from napari_dsparse.nets import DEFAULT_PRESET
 from napari_dsparse.predict import Box, iter_tiles, labels_and_uncertainty, predict_box
 from napari_dsparse.train import TrainConfig, Trainer, TrainStatus
+from napari_dsparse.training_set import TrainingSet
 
 __all__ = [
     "LiveSession",
@@ -54,6 +55,7 @@ class Mailbox:
         self._labels: np.ndarray | None = None
         self._view: Box | None = None
         self._slice = 0
+        self._pair_changes: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         self.posted = 0  # snapshots posted so far; the version of the latest
 
     def post_labels(self, labels: np.ndarray) -> int:
@@ -71,8 +73,26 @@ class Mailbox:
             return None if labels is None else (labels, self.posted)
 
     def has_new_labels(self) -> bool:
+        """Whether a label snapshot or a training-set change is waiting."""
         with self._lock:
-            return self._labels is not None
+            return self._labels is not None or bool(self._pair_changes)
+
+    def post_pair(self, name: str, image: np.ndarray, labels: np.ndarray) -> None:
+        """Add (or update) the training pair ``name``: the image is not copied."""
+        snapshot = np.array(labels, copy=True)
+        with self._lock:
+            self._pair_changes[name] = (image, snapshot)
+
+    def post_pair_removal(self, name: str) -> None:
+        """Stop training on the pair ``name``."""
+        with self._lock:
+            self._pair_changes[name] = None
+
+    def take_pair_changes(self) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
+        """Pairs added or updated (``(image, labels)``) and removed (``None``)."""
+        with self._lock:
+            changes, self._pair_changes = self._pair_changes, {}
+            return changes
 
     def post_view(self, view: Box | None, current_slice: int = 0) -> None:
         """The region on screen (``None``: unknown) and the slice being shown."""
@@ -106,8 +126,12 @@ class Waiting:
 class LiveSession:
     """An image, its classes and the model being trained on it (Qt-free state).
 
-    ``image`` is ``(C, Z, Y, X)``. The classifier is created on the first snapshot
-    and kept across pauses; :meth:`reset` forgets it.
+    ``image`` is ``(C, Z, Y, X)``: the image in view, whose label snapshots
+    (:meth:`set_labels`) are the training pair ``name`` and whose predictions are
+    shown. ``pairs`` are more ``(image, labels)`` pairs trained on at the same time
+    (:meth:`add_pair`, :meth:`remove_pair`); :meth:`for_image` moves the view to
+    another image and keeps the model and the pairs. The classifier is created on
+    the first snapshot and kept across pauses; :meth:`reset` forgets it.
     """
 
     image: np.ndarray
@@ -119,11 +143,21 @@ class LiveSession:
     trainer: Trainer | None = None
     labels_version: int = 0
     painted: bool = False  # whether the latest snapshot has any painted pixel
+    name: str = "image"  # the training pair of the image in view
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    optimizer_state: dict | None = None  # carried over from another image's session
+    _labels: np.ndarray | None = field(default=None, repr=False)  # latest snapshot
+    _view_normalization: tuple[Normalization, Normalization] | None = field(
+        default=None, repr=False
+    )  # (the model's, resolved for the image in view)
 
     @property
     def ready(self) -> bool:
         """Whether there is a model and painted pixels to train on."""
-        return self.trainer is not None and self.painted
+        return self.trainer is not None and (self.painted or self._pairs_painted())
+
+    def _pairs_painted(self) -> bool:
+        return any((labels > 0).any() for _, labels in self.pairs.values())
 
     def set_labels(self, labels: np.ndarray, version: int) -> None:
         """Train on ``labels`` from now on (warm start; grows classes if needed).
@@ -133,8 +167,56 @@ class LiveSession:
         """
         self.labels_version = version
         self.painted = bool((labels > 0).any())
-        if not self.painted:
+        self._labels = labels
+        if not self.painted and not self._pairs_painted():
             return
+        self._update_pair(self.name, self.image, labels)
+
+    def add_pair(self, name: str, image: np.ndarray, labels: np.ndarray) -> None:
+        """Train on ``image`` (``(C, Z, Y, X)``, not copied) and ``labels`` too.
+
+        ``name`` is the pair's name; the image in view is the pair :attr:`name`.
+        """
+        self.pairs[name] = (image, labels)
+        if name == self.name:
+            self.set_labels(labels, self.labels_version)
+            return
+        if (labels > 0).any() or self.trainer is not None:
+            self._update_pair(name, image, labels)
+
+    def remove_pair(self, name: str) -> None:
+        """Stop training on the pair ``name`` (the image in view stays)."""
+        self.pairs.pop(name, None)
+        if self.trainer is not None and name != self.name:
+            self.trainer.remove_pair(name)
+
+    def for_image(self, name: str, image: np.ndarray) -> LiveSession:
+        """A session viewing ``image`` as pair ``name``, with this model and pairs.
+
+        The image in view so far stays in the training set only if it is one of
+        :attr:`pairs`. The optimiser's state carries over.
+        """
+        trainer = self.trainer
+        pairs = dict(self.pairs)
+        if self.name in pairs and self._labels is not None:
+            pairs[self.name] = (self.image, self._labels)  # the latest strokes
+        return LiveSession(
+            image,
+            self.class_names,
+            preset=self.preset,
+            config=self.config,
+            device=self.device,
+            classifier=self.classifier,
+            labels_version=self.labels_version,
+            name=name,
+            pairs=pairs,
+            optimizer_state=(
+                trainer.optimizer.state_dict() if trainer else self.optimizer_state
+            ),
+        )
+
+    def _update_pair(self, name: str, image: np.ndarray, labels: np.ndarray) -> None:
+        """Put ``(image, labels)`` into the trainer's set, growing classes if needed."""
         num_classes = max(len(self.class_names), int(labels.max(initial=0)))
         if num_classes > len(self.class_names):
             extra = range(len(self.class_names) + 1, num_classes + 1)
@@ -145,9 +227,29 @@ class LiveSession:
             self.classifier = self.classifier.with_classes(self.class_names)
             self.trainer = None
         if self.trainer is None:
-            self.trainer = Trainer(self.classifier, self.image, labels, self.config)
+            self.trainer = self._new_trainer(name, image, labels)
         else:
-            self.trainer.set_labels(labels)
+            self.trainer.add_pair(name, image, labels)
+
+    def _new_trainer(self, name: str, image: np.ndarray, labels: np.ndarray) -> Trainer:
+        """A trainer on the image in view and every added pair."""
+        assert self.classifier is not None
+        training_set = TrainingSet(
+            self.classifier.normalization, self.classifier.num_classes
+        )
+        if self._labels is not None:
+            training_set.add(self.name, self.image, self._labels)
+        for other, (other_image, other_labels) in self.pairs.items():
+            if other != self.name:
+                training_set.add(other, other_image, other_labels)
+        training_set.add(name, image, labels)
+        trainer = Trainer.from_set(self.classifier, training_set, self.config)
+        if self.optimizer_state is not None:
+            trainer.optimizer.load_state_dict(self.optimizer_state)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = self.config.learning_rate
+            self.optimizer_state = None
+        return trainer
 
     def set_learning_rate(self, learning_rate: float) -> None:
         """Use ``learning_rate`` from the next step on (the optimiser state stays)."""
@@ -170,11 +272,19 @@ class LiveSession:
         """Forget the model; the next snapshot starts from a fresh network."""
         self.classifier = None
         self.trainer = None
+        self.optimizer_state = None
+        self._view_normalization = None
 
     def predict(self, box: Box) -> PredictionUpdate:
         """Classes and uncertainty of ``box`` from the current model."""
         assert self.classifier is not None and self.trainer is not None
-        proba = predict_box(self.classifier, self.image, box)  # (K, h, w)
+        model = self.classifier.normalization
+        if self._view_normalization is None or self._view_normalization[0] != model:
+            # once per image and model: the image's own percentiles by default
+            self._view_normalization = (model, model.for_image(self.image))
+        proba = predict_box(
+            self.classifier, self.image, box, self._view_normalization[1]
+        )  # (K, h, w)
         classes, uncertainty = labels_and_uncertainty(proba)
         return PredictionUpdate(
             box, classes, uncertainty, self.trainer.steps_done, self.labels_version
@@ -240,6 +350,11 @@ def iter_live(
 
 def _take_snapshot(session: LiveSession, mailbox: Mailbox) -> bool:
     """Apply the newest snapshot, if any; whether there is something to train on."""
+    for name, pair in mailbox.take_pair_changes().items():
+        if pair is None:
+            session.remove_pair(name)
+        else:
+            session.add_pair(name, *pair)
     posted = mailbox.take_labels()
     if posted is not None:
         session.set_labels(*posted)
