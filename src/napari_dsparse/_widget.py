@@ -53,6 +53,7 @@ UPDATE_ONCE_SECONDS = 2.0
 MAX_CHANNELS = 16  # a 3D layer with at most this many planes may be channels
 REFRESH_MS = 100  # the most often the output layers are redrawn
 PREDICTION_SUFFIX = " prediction"
+EMPTY_SET_TEXT = "training set: the image above only"
 UNCERTAINTY_SUFFIX = " uncertainty"
 
 
@@ -127,6 +128,9 @@ class DsparseWidget(Container):
         self._mailbox = Mailbox()
         self._worker: GeneratorWorker | None = None
         self._watched: napari.layers.Labels | None = None
+        # the training set: image name -> (image layer, scribble layer, its array)
+        self._pairs: dict[str, tuple[napari.layers.Image, napari.layers.Labels]] = {}
+        self._pair_arrays: dict[str, np.ndarray] = {}
         # napari emits ``paint`` before writing the last change: snapshot a moment
         # later, once per burst of events.
         self._snapshot_timer = _single_shot(0, self._post_labels)
@@ -159,6 +163,9 @@ class DsparseWidget(Container):
         self.apply_picker = ComboBox(label="apply to", choices=self._image_layers)
         self.apply_button = PushButton(text="Apply to layer…")
         self.status = Label(value="Paint a few strokes per class, then Train.")
+        self.add_pair_button = PushButton(text="Add image + scribbles to training set")
+        self.pair_list = Container(labels=False)
+        self.pair_header = Label(value=EMPTY_SET_TEXT)
 
     def _controls(self) -> list:
         return [
@@ -166,6 +173,9 @@ class DsparseWidget(Container):
             self.scribble_picker,
             self.add_scribbles_button,
             self.class_names,
+            self.add_pair_button,
+            self.pair_header,
+            self.pair_list,
             self.preset,
             self.device,
             self.learning_rate,
@@ -187,6 +197,7 @@ class DsparseWidget(Container):
 
     def _connect(self) -> None:
         self.add_scribbles_button.changed.connect(self._add_scribble_layer)
+        self.add_pair_button.changed.connect(self._add_current_pair)
         self.train_button.changed.connect(self._toggle_training)
         self.update_button.changed.connect(self._update_once)
         self.reset_button.changed.connect(self._reset_model)
@@ -262,6 +273,18 @@ class DsparseWidget(Container):
                 f"the scribble layer's shape {scribbles.data.shape} differs from the "
                 f"image's {_spatial_shape(image)}"
             )
+        if (
+            self._session is not None
+            and self._session_image is not image
+            and self._pairs
+            and image_array(image, multichannel).shape[0]
+            == self._session.image.shape[0]
+        ):  # another image in view: same model, same training set
+            self._multichannel = multichannel
+            self._session = self._session.for_image(
+                image.name, image_array(image, multichannel)
+            )
+            self._session_image = image
         if self._session is None or self._session_image is not image:
             self._multichannel = multichannel
             self._session = LiveSession(
@@ -270,6 +293,7 @@ class DsparseWidget(Container):
                 preset=self.preset.value,
                 config=TrainConfig(learning_rate=self.learning_rate.value),
                 device=self.device.value,
+                name=image.name,
             )
             self._session_image = image
         return self._session
@@ -297,6 +321,7 @@ class DsparseWidget(Container):
         if pick_device(session.device).type == "cpu":
             torch.set_num_threads(cpu_threads_for_live_training())
         self._watch(self.scribble_picker.value)
+        self._post_pairs()
         self._post_labels()
         self._post_view()
         self._worker = create_worker(
@@ -372,6 +397,105 @@ class DsparseWidget(Container):
     def _post_labels(self, *_event) -> None:
         if self._watched is not None:
             self._mailbox.post_labels(self._watched.data)
+            for name, (_image, scribbles) in self._pairs.items():
+                if scribbles is self._watched:
+                    self._show_pair_counts(name)
+
+    # -- training set -------------------------------------------------------------
+
+    def _add_current_pair(self) -> None:
+        image, scribbles = self.image_picker.value, self.scribble_picker.value
+        try:
+            self.add_pair(image, scribbles)
+        except InputError as error:
+            show_error(str(error))
+
+    def add_pair(
+        self, image: napari.layers.Image, scribbles: napari.layers.Labels
+    ) -> None:
+        """Train on ``image`` and its ``scribbles`` too (``InputError`` if unfit).
+
+        Every slice or time point of a stack with strokes counts as one pair of the
+        set; the image is not copied.
+        """
+        if image is None or scribbles is None:
+            raise InputError("pick an image and a scribble layer first")
+        multichannel = _is_multichannel(image, scribbles)
+        if tuple(scribbles.data.shape) != _spatial_shape(image, multichannel):
+            raise InputError(
+                f"the scribble layer's shape {scribbles.data.shape} differs from "
+                f"the image's {_spatial_shape(image)}"
+            )
+        array = image_array(image, multichannel)
+        others = {a.shape[0] for n, a in self._pair_arrays.items() if n != image.name}
+        if self._session is not None and self._session.classifier is not None:
+            others.add(self._session.classifier.in_channels)
+        if others and array.shape[0] not in others:
+            raise InputError(
+                f"{image.name!r} has {array.shape[0]} channel(s) but the training "
+                f"set's images have {others.pop()}: channels must agree"
+            )
+        self._pairs[image.name] = (image, scribbles)
+        self._pair_arrays[image.name] = array
+        self._mailbox.post_pair(image.name, array, scribbles.data)
+        self._show_pairs()
+
+    def remove_pair(self, name: str) -> None:
+        """Stop training on the pair of the image ``name``."""
+        self._pairs.pop(name, None)
+        self._pair_arrays.pop(name, None)
+        self._mailbox.post_pair_removal(name)
+        self._show_pairs()
+
+    def _post_pairs(self) -> None:
+        for name, (_image, scribbles) in self._pairs.items():
+            self._mailbox.post_pair(name, self._pair_arrays[name], scribbles.data)
+
+    def pair_rows(self) -> list[str]:
+        """The text of each row of the training set list, in order."""
+        return [row[0].value for row in self.pair_list]
+
+    def _show_pairs(self) -> None:
+        self.pair_list.clear()
+        for name in self._pairs:
+            remove = PushButton(text="Remove")
+            remove.changed.connect(partial(self._on_remove_clicked, name))
+            row = Container(
+                widgets=[Label(value=self._pair_text(name)), remove],
+                layout="horizontal",
+                labels=False,
+            )
+            row.name = name
+            self.pair_list.append(row)
+        self.pair_header.value = (
+            f"training set: {len(self._pairs)} image(s)"
+            if self._pairs
+            else EMPTY_SET_TEXT
+        )
+
+    def _on_remove_clicked(self, name: str, *_args) -> None:
+        self.remove_pair(name)
+
+    def _show_pair_counts(self, name: str) -> None:
+        for row in self.pair_list:
+            if row.name == name:
+                row[0].value = self._pair_text(name)
+
+    def _pair_text(self, name: str) -> str:
+        """``name: class a 120, class b 45`` (and the painted slices of a stack)."""
+        _image, scribbles = self._pairs[name]
+        labels = np.asarray(scribbles.data)
+        counts = np.bincount(labels.ravel(), minlength=len(self.names()) + 1)[1:]
+        names = list(self.names()) + [
+            f"class {k}" for k in range(len(self.names()) + 1, len(counts) + 1)
+        ]
+        text = f"{name}: " + ", ".join(
+            f"{label} {count}" for label, count in zip(names, counts, strict=False)
+        )
+        if labels.ndim == 3:
+            painted = int(labels.reshape(labels.shape[0], -1).any(1).sum())
+            text += f" ({painted} of {labels.shape[0]} slices)"
+        return text
 
     def _post_view(self, *_event) -> None:
         image = self.image_picker.value
@@ -448,7 +572,9 @@ class DsparseWidget(Container):
         if self.training:
             self.stop("Paused: the image or scribble layer changed.")
             show_info("The image or scribble layer changed: press Train to continue.")
-        if self.image_picker.value is not self._session_image:
+        if self.image_picker.value is not self._session_image and not (
+            self._pairs and self._session is not None
+        ):  # with a training set the model stays (see _ensure_session)
             self._drop_session()
 
     def _on_network_changed(self, *_args) -> None:
@@ -462,6 +588,9 @@ class DsparseWidget(Container):
 
     def _on_layer_removed(self, event) -> None:
         layer = event.value
+        for name, pair in list(self._pairs.items()):
+            if layer in pair:
+                self.remove_pair(name)
         if layer is self._session_image or layer is self._watched:
             self.stop(f"Stopped: layer {layer.name!r} was removed.")
             show_info(f"Training stopped: layer {layer.name!r} was removed.")
