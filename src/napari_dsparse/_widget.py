@@ -730,8 +730,10 @@ class DsparseWidget(Container):
 def _predict_boxes(
     classifier: Classifier, image: np.ndarray, boxes: list[Box]
 ) -> Iterator[tuple[Box, np.ndarray]]:
+    normalization = classifier.normalization.for_image(image)  # once per image
     for box in boxes:
-        classes, _ = labels_and_uncertainty(predict_box(classifier, image, box))
+        proba = predict_box(classifier, image, box, normalization)
+        classes, _ = labels_and_uncertainty(proba)
         yield box, classes
 
 
