@@ -165,6 +165,7 @@ class DsparseWidget(Container):
         self.status = Label(value="Paint a few strokes per class, then Train.")
         self.add_pair_button = PushButton(text="Add image + scribbles to training set")
         self.pair_list = Container(labels=False)
+        self.pair_list.margins = (0, 0, 0, 0)
         self.pair_header = Label(value=EMPTY_SET_TEXT)
 
     def _controls(self) -> list:
@@ -466,6 +467,7 @@ class DsparseWidget(Container):
                 labels=False,
             )
             row.name = name
+            row.margins = (0, 0, 0, 0)
             self.pair_list.append(row)
         self.pair_header.value = (
             f"training set: {len(self._pairs)} image(s)"
