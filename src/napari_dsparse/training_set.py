@@ -57,6 +57,26 @@ class _Unit:
     pixels: np.ndarray  # (n, 2)
 
 
+@dataclass(frozen=True)
+class _Index:
+    """One pair's paint: counts per class, painted slices, units per class."""
+
+    counts: np.ndarray  # (K,)
+    painted: list[tuple[Pair, int]]
+    units: list[list[_Unit]]  # [class k - 1] -> units
+
+
+def _index(pair: Pair, num_classes: int) -> _Index:
+    units: list[list[_Unit]] = [[] for _ in range(num_classes)]
+    painted = []
+    for z in pair.painted_slices:
+        painted.append((pair, int(z)))
+        plane = pair.labels[z]
+        for k in np.unique(plane[plane > 0]):
+            units[k - 1].append(_Unit(pair, int(z), np.argwhere(plane == k)))
+    return _Index(class_counts(pair.labels, num_classes), painted, units)
+
+
 class TrainingSet:
     """Named (image, labels) pairs with class- and image-balanced crop sampling.
 
@@ -69,6 +89,7 @@ class TrainingSet:
         self.normalization = normalization
         self.num_classes = num_classes
         self._pairs: dict[str, Pair] = {}
+        self._indexes: dict[str, _Index] = {}  # per pair, so a change costs one pair
         self._refresh()
 
     # -- the pairs ----------------------------------------------------------------
@@ -92,9 +113,11 @@ class TrainingSet:
             normalization = old.normalization
         else:
             normalization = self.normalization.for_image(image)
-        self._pairs[name] = Pair(name, image, labels, normalization)
+        pair = Pair(name, image, labels, normalization)
+        self._pairs[name] = pair
+        self._indexes[name] = _index(pair, self.num_classes)
         self._refresh()
-        return self._pairs[name]
+        return pair
 
     def set_labels(self, name: str, labels: np.ndarray) -> None:
         """New labels for the existing pair ``name`` (copied)."""
@@ -105,6 +128,7 @@ class TrainingSet:
     def remove(self, name: str) -> None:
         """Drop the pair ``name`` (nothing happens if there is none)."""
         if self._pairs.pop(name, None) is not None:
+            del self._indexes[name]
             self._refresh()
 
     def __contains__(self, name: object) -> bool:
@@ -140,18 +164,15 @@ class TrainingSet:
     # -- sampling -------------------------------------------------------------------
 
     def _refresh(self) -> None:
-        """Recount paint and regroup painted pixels by class and unit."""
+        """Gather the pairs' counts, painted slices and units."""
         self.counts = np.zeros(self.num_classes, dtype=np.int64)
         self._units: list[list[_Unit]] = [[] for _ in range(self.num_classes)]
         self._painted: list[tuple[Pair, int]] = []
-        for pair in self._pairs.values():
-            self.counts += class_counts(pair.labels, self.num_classes)
-            for z in pair.painted_slices:
-                self._painted.append((pair, int(z)))
-                plane = pair.labels[z]
-                for k in np.unique(plane[plane > 0]):
-                    pixels = np.argwhere(plane == k)
-                    self._units[k - 1].append(_Unit(pair, int(z), pixels))
+        for index in self._indexes.values():
+            self.counts += index.counts
+            self._painted += index.painted
+            for units, more in zip(self._units, index.units, strict=True):
+                units += more
 
     @property
     def painted_units(self) -> list[tuple[Pair, int]]:
