@@ -105,3 +105,16 @@ def test_switching_the_image_keeps_the_model(two_images, qtbot) -> None:
     assert widget._session.classifier is classifier
     assert widget._session.name == "left"
     assert "left prediction" in viewer.layers
+
+
+def test_a_time_series_lists_its_painted_time_points(make_napari_viewer) -> None:
+    viewer = make_napari_viewer()
+    series = np.stack([_disc_image(64, seed) for seed in range(4)])  # (T, Y, X)
+    layer = viewer.add_image(series, name="series")
+    labels = np.zeros(series.shape, np.uint8)
+    labels[0, 3:5, 3:30], labels[2, 32, 27:37] = 1, 2
+    scribbles = viewer.add_labels(labels, name="series scribbles")
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    widget.add_pair(layer, scribbles)
+    assert widget.pair_rows() == ["series: background 54, coin 10 (2 of 4 slices)"]
+    assert np.shares_memory(widget._pair_arrays["series"], layer.data)  # no copy
