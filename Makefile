@@ -20,7 +20,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sparse.py
 	$(BIN)/python benchmarks/bench_quality.py
 	$(BIN)/python benchmarks/bench_latency.py
+	$(BIN)/python benchmarks/bench_large.py
 	xvfb-run -a $(BIN)/python benchmarks/bench_ui.py
+	xvfb-run -a $(BIN)/python benchmarks/soak.py  # 10 minutes
 
 system-deps:
 	./scripts/system-deps.sh

@@ -152,3 +152,45 @@ def test_predict_nothing_matching_is_exit_2(pairs, model, capsys) -> None:
         capsys, "predict", model, str(pairs / "*.czi"), "-o", pairs / "results"
     )
     assert code == 2 and "no image files" in err
+
+
+def test_predict_a_folder_in_small_tiles_equals_whole_image_prediction(
+    pairs, model, capsys
+) -> None:
+    """--memory tiles every file (zarr stores too); --quiet hides the progress."""
+    import zarr
+
+    from napari_dsparse.data import as_channels_first
+    from napari_dsparse.predict import predict_proba
+
+    folder = pairs / "inputs"
+    folder.mkdir()
+    first = tifffile.imread(pairs / "a.tif")
+    second = np.load(pairs / "b.npy") * 2 + 40  # its own brightness: per image
+    tifffile.imwrite(folder / "one.tif", first, tile=(32, 32))
+    zarr.create_array(str(folder / "two.zarr"), data=second, chunks=(16, 64))
+    code, out, err = run(
+        capsys,
+        *("predict", model, folder, "-o", pairs / "results"),
+        *("--memory", "4MB", "--quiet", "--probabilities"),
+    )
+    assert code == 0 and err == "", err
+    assert "2 file(s): 2 predicted, 0 failed" in out
+    classifier = load_classifier(model)
+    for name, image in (("one", first), ("two", second)):
+        proba = predict_proba(classifier, as_channels_first(image), tile=4096)
+        written = tifffile.imread(pairs / "results" / f"{name}_probabilities.tif")
+        np.testing.assert_allclose(written, proba[:, 0], atol=1e-5)
+        classes = tifffile.imread(pairs / "results" / f"{name}.tif")
+        np.testing.assert_array_equal(classes, proba.argmax(0)[0] + 1)
+
+
+def test_predict_one_file_shows_its_tiles_progress(pairs, model, capsys) -> None:
+    code, out, err = run(
+        capsys,
+        *("predict", model, pairs / "b.npy", "-o", pairs / "b_classes.tif"),
+        *("--memory", "4MB"),
+    )
+    assert code == 0 and "1 file(s): 1 predicted" in out
+    assert "b.npy" in err and "tile" in err  # the per-file bar, no files bar
+    assert "file/s" not in err and "predict:" not in err

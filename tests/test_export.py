@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from napari_dsparse import __version__
 from napari_dsparse.data import InputError, as_channels_first
 from napari_dsparse.export import (
     FORMAT_VERSION,
@@ -70,3 +75,58 @@ def test_foreign_file(tmp_path) -> None:
 def test_unwritable_folder(make_classifier, image, tmp_path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         save_classifier(make_classifier(image), tmp_path / "missing" / "model.pt")
+
+
+def test_file_holds_colours_receptive_field_and_provenance(
+    make_classifier, image, tmp_path
+) -> None:
+    classifier = make_classifier(image, num_classes=3)
+    classifier.class_colors = ((1.0, 0.0, 0.0, 1.0),)  # one given, two defaulted
+    classifier.provenance.update(steps=7, seed=3)
+    loaded = load_classifier(save_classifier(classifier, tmp_path / "m.pt"))
+    assert loaded.colors() == classifier.colors()
+    assert loaded.colors()[0] == (1.0, 0.0, 0.0, 1.0)
+    assert len(set(loaded.colors())) == 3
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert payload["receptive_field"] == classifier.patch_size
+    assert payload["halo"] == classifier.patch_size // 2
+    assert payload["provenance"]["steps"] == 7
+    assert payload["provenance"]["seed"] == 3
+    assert payload["provenance"]["package_version"] == __version__
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 100])
+def test_corrupt_model_file(tmp_path, content) -> None:
+    (tmp_path / "bad.pt").write_bytes(content)
+    with pytest.raises(ModelFileError, match="truncated or corrupt"):
+        load_classifier(tmp_path / "bad.pt")
+
+
+def test_weights_of_the_wrong_shape(make_classifier, image, tmp_path) -> None:
+    payload = classifier_to_dict(make_classifier(image))
+    name = next(iter(payload["state_dict"]))
+    payload["state_dict"][name] = torch.zeros(1)
+    torch.save(payload, tmp_path / "m.pt")
+    with pytest.raises(ModelFileError, match="not a valid model file"):
+        load_classifier(tmp_path / "m.pt")
+
+
+def test_model_without_a_format_version(make_classifier, image, tmp_path) -> None:
+    payload = classifier_to_dict(make_classifier(image))
+    payload["format_version"] = "one"
+    torch.save(payload, tmp_path / "m.pt")
+    with pytest.raises(ModelFileError, match="format version"):
+        load_classifier(tmp_path / "m.pt")
+
+
+def test_a_full_disk_leaves_no_model_file(
+    make_classifier, image, tmp_path, monkeypatch
+) -> None:
+    def full_disk(payload, path) -> None:
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(InputError, match="disk is full"):
+        save_classifier(make_classifier(image), tmp_path / "model.pt")
+    assert list(tmp_path.iterdir()) == []

@@ -15,6 +15,7 @@ from napari_dsparse.train import (
     TrainingDiverged,
     iter_train,
     masked_cross_entropy,
+    painted_cross_entropy,
 )
 
 WHOLE = TrainConfig(augment=False, batch_size=64)  # whole-image steps for small images
@@ -39,6 +40,18 @@ def test_masked_loss_is_the_weighted_mean_over_painted_pixels() -> None:
     targets = torch.tensor([[[0, 1, 2]]])
     loss = masked_cross_entropy(logits, targets, torch.tensor([1.0, 3.0]))
     assert loss.item() == pytest.approx(np.log(2))
+
+
+def test_painted_loss_equals_the_masked_loss_on_dense_logits(rng) -> None:
+    logits = torch.tensor(rng.normal(size=(2, 3, 5, 6)))
+    targets = torch.tensor(rng.integers(0, 4, (2, 5, 6)))
+    weights = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    painted = targets > 0
+    flat = logits.movedim(1, -1)[painted]  # (M, K)
+    torch.testing.assert_close(
+        painted_cross_entropy(flat, targets[painted] - 1, weights),
+        masked_cross_entropy(logits, targets, weights),
+    )
 
 
 def test_pixels_outside_every_painted_patch_do_not_change_a_step(

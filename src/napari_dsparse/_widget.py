@@ -7,7 +7,8 @@ into snapshots, and writes the yielded tiles into the output layers on the GUI t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Generator, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -21,18 +22,22 @@ from magicgui.widgets import (
     Label,
     LineEdit,
     PushButton,
+    SpinBox,
 )
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog
 
-from napari_dsparse.data import InputError, as_channels_first
+from napari_dsparse.data import InputError, as_planes
 from napari_dsparse.export import load_classifier, save_classifier
+from napari_dsparse.faults import predict_fitting
 from napari_dsparse.live import (
     LiveSession,
     Mailbox,
+    Notice,
     PredictionUpdate,
+    TrainingPaused,
     Waiting,
     cpu_threads_for_live_training,
     iter_live,
@@ -44,9 +49,16 @@ from napari_dsparse.predict import (
     Box,
     iter_tiles,
     labels_and_uncertainty,
-    predict_box,
 )
 from napari_dsparse.samples import CLASS_NAMES
+from napari_dsparse.session import (
+    SESSION_SUFFIX,
+    SavedSession,
+    load_session,
+    missing_pairs,
+    restore_session,
+    save_session,
+)
 from napari_dsparse.train import TrainConfig, TrainStatus
 
 UPDATE_ONCE_SECONDS = 2.0
@@ -55,15 +67,19 @@ REFRESH_MS = 100  # the most often the output layers are redrawn
 PREDICTION_SUFFIX = " prediction"
 EMPTY_SET_TEXT = "training set: the image above only"
 UNCERTAINTY_SUFFIX = " uncertainty"
+AUTOSAVE_PATH = Path.home() / ".napari-dsparse" / f"autosave{SESSION_SUFFIX}"
 
 
 def _is_multichannel(image: napari.layers.Image, scribbles) -> bool:
-    """A 3D layer whose first axis holds channels: the scribbles cover only (Y, X)."""
+    """A layer whose first axis holds channels: the scribbles cover the other axes."""
+    return scribbles is not None and _channels_first_for(image, scribbles.data.shape)
+
+
+def _channels_first_for(image: napari.layers.Image, scribble_shape) -> bool:
     return (
         not image.rgb
-        and image.ndim == 3
-        and scribbles is not None
-        and tuple(scribbles.data.shape) == tuple(image.data.shape[1:])
+        and image.ndim >= 3
+        and tuple(scribble_shape) == tuple(image.data.shape[1:])
         and image.data.shape[0] <= MAX_CHANNELS
     )
 
@@ -93,18 +109,28 @@ def _scribble_layer_like(image: napari.layers.Image) -> napari.layers.Labels:
 
 def image_array(image: napari.layers.Image, multichannel: bool = False) -> np.ndarray:
     """The layer's pixels as ``(C, Z, Y, X)``: RGB and multichannel as channels,
-    other 3D layers as stacks of slices."""
-    data = np.asarray(image.data)
+    every plane of 3D stacks and 4D/5D time series as a slice of its own."""
+    data = _pixels(image)
     if image.rgb:
-        return as_channels_first(data[..., :3], channel_axis=-1)
-    if multichannel:
-        return as_channels_first(data, channel_axis=0)
-    if data.ndim not in (2, 3):
-        raise InputError(
-            f"{image.name!r} has {data.ndim} dimensions; pick a 2D image, an RGB "
-            "image, a multichannel image or a 3D stack"
-        )
-    return as_channels_first(data[..., None], channel_axis=-1)
+        return as_planes(np.moveaxis(data[..., :3], -1, 0))
+    return as_planes(data if multichannel else data[None])
+
+
+def _pixels(image: napari.layers.Image):
+    """NumPy pixels as they are; dask, zarr and other arrays stay lazy (dask)."""
+    data = image.data[0] if image.multiscale else image.data
+    if isinstance(data, np.ndarray):
+        return data
+    import dask.array as da  # a napari dependency
+
+    return data if isinstance(data, da.Array) else da.from_array(data)
+
+
+def _plane_index(shape: tuple[int, ...], z: int) -> tuple[int, ...]:
+    """Index of slice ``z`` of :func:`image_array` in a layer of ``shape``."""
+    if len(shape) <= 2:
+        return ()
+    return tuple(int(i) for i in np.unravel_index(z, shape[:-2]))
 
 
 def _device_choices() -> list[str]:
@@ -131,6 +157,11 @@ class DsparseWidget(Container):
         # the training set: image name -> (image layer, scribble layer, its array)
         self._pairs: dict[str, tuple[napari.layers.Image, napari.layers.Labels]] = {}
         self._pair_arrays: dict[str, np.ndarray] = {}
+        self._watched_image: napari.layers.Image | None = None
+        self._image_replaced = False  # the session image's data changed since
+        self.session_path: Path | None = None  # where Save session wrote last
+        self._autosave_timer = QTimer()
+        self._autosave_timer.timeout.connect(self.autosave)
         # napari emits ``paint`` before writing the last change: snapshot a moment
         # later, once per burst of events.
         self._snapshot_timer = _single_shot(0, self._post_labels)
@@ -162,6 +193,11 @@ class DsparseWidget(Container):
         self.load_button = PushButton(text="Load model…")
         self.apply_picker = ComboBox(label="apply to", choices=self._image_layers)
         self.apply_button = PushButton(text="Apply to layer…")
+        self.save_session_button = PushButton(text="Save session…")
+        self.restore_session_button = PushButton(text="Restore session…")
+        self.autosave_minutes = SpinBox(
+            label="autosave (min)", value=0, min=0, max=120, tooltip="0: off"
+        )
         self.status = Label(value="Paint a few strokes per class, then Train.")
         self.add_pair_button = PushButton(text="Add image + scribbles to training set")
         self.pair_list = Container(labels=False)
@@ -193,6 +229,12 @@ class DsparseWidget(Container):
             ),
             self.apply_picker,
             self.apply_button,
+            Container(
+                widgets=[self.save_session_button, self.restore_session_button],
+                layout="horizontal",
+                labels=False,
+            ),
+            self.autosave_minutes,
             self.status,
         ]
 
@@ -217,6 +259,9 @@ class DsparseWidget(Container):
         )
         self._viewer.dims.events.current_step.connect(self._post_view)
         self.native.destroyed.connect(self._on_destroyed)
+        self.save_session_button.changed.connect(self._ask_save_session)
+        self.restore_session_button.changed.connect(self._ask_restore_session)
+        self.autosave_minutes.changed.connect(self._on_autosave_changed)
 
     def _image_layers(self, _widget: ComboBox) -> list[tuple[str, napari.layers.Image]]:
         return [
@@ -274,6 +319,8 @@ class DsparseWidget(Container):
                 f"the scribble layer's shape {scribbles.data.shape} differs from the "
                 f"image's {_spatial_shape(image)}"
             )
+        if self._image_replaced and self._session_image is image and self._session:
+            self._take_new_pixels(image, multichannel)
         if (
             self._session is not None
             and self._session_image is not image
@@ -323,18 +370,18 @@ class DsparseWidget(Container):
             torch.set_num_threads(cpu_threads_for_live_training())
         self._watch(self.scribble_picker.value)
         self._post_pairs()
+        self._watch_image(self._session_image)
         self._post_labels()
         self._post_view()
         self._worker = create_worker(
-            iter_live,
-            session,
-            self._mailbox,
-            round_seconds=round_seconds,
-            rounds=rounds,
+            _reraising,
+            iter_live(
+                session, self._mailbox, round_seconds=round_seconds, rounds=rounds
+            ),
             _start_thread=False,
+            _connect={"errored": self._on_error},  # shown once, not re-raised
         )
         self._worker.yielded.connect(partial(self._on_event, session))
-        self._worker.errored.connect(self._on_error)
         self._worker.finished.connect(self._on_finished)
         self.train_button.text = "Pause" if rounds is None else "Train"
         self._worker.start()
@@ -348,6 +395,7 @@ class DsparseWidget(Container):
 
     def _on_destroyed(self, *_args) -> None:
         self._alive = False
+        self._autosave_timer.stop()
         _quit_worker(self._worker)
 
     def _on_finished(self) -> None:
@@ -359,20 +407,33 @@ class DsparseWidget(Container):
             return
         self.train_button.text = "Train"
         message = (
-            str(error) if isinstance(error, InputError | RuntimeError) else repr(error)
+            str(error)
+            if isinstance(error, InputError | WorkerError | MemoryError)
+            else repr(error)
         )
         show_error(f"Training stopped: {message}")
         self.status.value = f"Stopped: {message}"
 
     def _on_event(
-        self, session: LiveSession, event: TrainStatus | PredictionUpdate | Waiting
+        self,
+        session: LiveSession,
+        event: TrainStatus | PredictionUpdate | Waiting | Notice | TrainingPaused,
     ) -> None:
         if session is not self._session or not self._alive:
             return  # queued from a session that was stopped and dropped since
+        stopping = self._worker is not None and self._worker.abort_requested
+        if isinstance(event, TrainStatus | Waiting) and stopping:
+            return  # queued before a pause: keep the pause's message
         if isinstance(event, TrainStatus):
             self.status.value = _status_text(session, event)
         elif isinstance(event, PredictionUpdate):
             self._show_update(event)
+        elif isinstance(event, Notice):
+            show_warning(event.message)
+        elif isinstance(event, TrainingPaused):
+            self.train_button.text = "Train"
+            self.status.value = f"Paused at step {event.step}: diverged."
+            show_warning(event.message[0].upper() + event.message[1:] + ".")
         else:
             self.status.value = f"Waiting: {event.reason}."
 
@@ -397,7 +458,10 @@ class DsparseWidget(Container):
 
     def _post_labels(self, *_event) -> None:
         if self._watched is not None:
-            self._mailbox.post_labels(self._watched.data)
+            labels = self._watched.data  # time series: one slice per plane
+            self._mailbox.post_labels(
+                labels if labels.ndim <= 3 else labels.reshape(-1, *labels.shape[-2:])
+            )
             for name, (_image, scribbles) in self._pairs.items():
                 if scribbles is self._watched:
                     self._show_pair_counts(name)
@@ -506,9 +570,13 @@ class DsparseWidget(Container):
         corners = np.asarray(image.corner_pixels)  # (2, ndim): no RGB axis
         (r0, c0), (r1, c1) = corners[0, -2:], corners[1, -2:]
         view = Box(0, int(r0), int(r1) + 1, int(c0), int(c1) + 1) if r1 > r0 else None
+        spatial = _spatial_shape(image, self._multichannel)
         z = 0
-        if len(_spatial_shape(image, self._multichannel)) == 3:
-            z = int(np.rint(image.world_to_data(self._viewer.dims.point)[0]))
+        if len(spatial) > 2:
+            point = np.rint(image.world_to_data(self._viewer.dims.point))
+            leading = point[-len(spatial) : -2].astype(int)
+            leading = np.clip(leading, 0, np.asarray(spatial[:-2]) - 1)
+            z = int(np.ravel_multi_index(tuple(leading), spatial[:-2]))
         self._mailbox.post_view(view, z)
 
     # -- output layers ----------------------------------------------------------
@@ -553,8 +621,7 @@ class DsparseWidget(Container):
         prediction, uncertainty = self._output_layers()
         box = update.box
         index = (slice(box.r0, box.r1), slice(box.c0, box.c1))
-        if prediction.ndim == 3:
-            index = (box.z, *index)
+        index = (*_plane_index(prediction.data.shape, box.z), *index)
         prediction.data[index] = update.classes
         uncertainty.data[index] = update.uncertainty
         if not self._refresh_timer.isActive():
@@ -627,6 +694,10 @@ class DsparseWidget(Container):
             show_warning("Train a model before exporting it.")
             return
         self._session.classifier.class_names = self._session.class_names
+        if self._watched is not None:  # the colours the user painted with
+            count = len(self._session.class_names)
+            colors = self._watched.colormap.map(np.arange(1, count + 1))
+            self._session.classifier.class_colors = tuple(map(tuple, colors.tolist()))
         try:
             save_classifier(self._session.classifier, path)
         except (InputError, OSError) as error:
@@ -709,34 +780,245 @@ class DsparseWidget(Container):
     ) -> GeneratorWorker:
         boxes = list(iter_tiles(image.shape[1:], DEFAULT_TILE))
 
-        def write(update: tuple[Box, np.ndarray]) -> None:
-            box, classes = update
+        def write(update: tuple[Box, np.ndarray, list[str]]) -> None:
+            box, classes, messages = update
+            for message in messages:
+                show_warning(message)
             index = (slice(box.r0, box.r1), slice(box.c0, box.c1))
-            layer.data[(box.z, *index) if layer.ndim == 3 else index] = classes
+            layer.data[(*_plane_index(layer.data.shape, box.z), *index)] = classes
             layer.refresh()
 
         worker = create_worker(
-            _predict_boxes,
-            classifier,
-            image,
-            boxes,
+            _reraising,
+            _predict_boxes(classifier, image, boxes),
             _progress={"total": len(boxes), "desc": f"Predicting {layer.name}"},
             _start_thread=False,
+            _connect={"errored": _show_prediction_error},  # shown once, not re-raised
         )
         worker.yielded.connect(write)
-        worker.errored.connect(lambda error: show_error(f"Prediction failed: {error}"))
         worker.start()
         return worker
+
+    # -- replaced pixels, sessions on disk, autosave ---------------------------
+
+    def _watch_image(self, image: napari.layers.Image) -> None:
+        """Follow ``image.data`` being replaced (``layer.data = ...``)."""
+        if self._watched_image is image:
+            return
+        if self._watched_image is not None:
+            self._watched_image.events.data.disconnect(self._on_image_data_replaced)
+        image.events.data.connect(self._on_image_data_replaced)
+        self._watched_image = image
+
+    def _on_image_data_replaced(self, *_event) -> None:
+        """Pause: the worker holds the old pixels; Train picks up the new ones."""
+        self._image_replaced = True
+        if self.training:
+            self.stop("Paused: the image's pixels were replaced.")
+        show_info("The image's pixels were replaced: press Train to train on them.")
+
+    def _take_new_pixels(self, image: napari.layers.Image, multichannel: bool) -> None:
+        """Give the session the layer's new pixels; keep the model when they fit."""
+        if self._session.replace_image(image_array(image, multichannel)):
+            show_info("Training goes on with the new pixels and the same model.")
+        else:
+            show_warning("The new image has another size: the model starts afresh.")
+        self._image_replaced = False
+
+    def session_settings(self) -> dict:
+        """The widget's settings saved with a session (plain values)."""
+        return {
+            "learning_rate": float(self.learning_rate.value),
+            "autosave_minutes": int(self.autosave_minutes.value),
+            "device": str(self.device.value),
+            "image": self.image_picker.value.name if self.image_picker.value else "",
+        }
+
+    def save_session_to(self, path: str | Path, quiet: bool = False) -> bool:
+        """Write scribbles, classes, settings and model to ``path``; success?"""
+        scribbles = self.scribble_picker.value
+        try:
+            session = self._ensure_session()
+            session.class_names = self.names()
+            checkpoint = session.last_good if self.training else None
+            pairs = {
+                name: (self._pair_arrays[name].shape, np.asarray(layer.data))
+                for name, (_image, layer) in self._pairs.items()
+            }
+            save_session(
+                path,
+                session,
+                scribbles.data,
+                self.session_settings(),
+                checkpoint,
+                pairs,
+            )
+        except (InputError, OSError) as error:
+            show_error(f"Saving the session failed: {error}")
+            return False
+        self.session_path = Path(path)
+        if not quiet:
+            show_info(f"Session written to {path}")
+        return True
+
+    def restore_session_from(self, path: str | Path) -> bool:
+        """Restore a saved session onto the picked image, scribbles in a new layer."""
+        image = self.image_picker.value
+        if image is None:
+            show_warning("Open or pick the session's image first.")
+            return False
+        try:
+            saved = load_session(path)
+            multichannel = _channels_first_for(image, saved.scribbles.shape)
+            pair_layers = self._pair_layers(saved)
+            pair_images = {name: array for name, (_layer, array) in pair_layers.items()}
+            restored = restore_session(
+                saved,
+                image_array(image, multichannel),
+                self.device.value,
+                pair_images,
+                name=image.name,
+            )
+        except InputError as error:
+            show_error(f"Restoring the session failed: {error}")
+            return False
+        self.stop()
+        self.preset.value = saved.preset  # (settings first: they drop the session)
+        self.learning_rate.value = saved.settings.get("learning_rate", 1e-3)
+        self.autosave_minutes.value = saved.settings.get("autosave_minutes", 0)
+        self.class_names.value = ", ".join(saved.class_names)
+        shape = tuple(saved.scribbles.shape)
+        layer = self._viewer.add_labels(
+            saved.scribbles,
+            name=f"{image.name} scribbles (restored)",
+            metadata={"class_names": list(saved.class_names)},
+            **_layer_geometry(image, len(shape)),
+        )
+        self.reset_choices()
+        self.scribble_picker.value = layer
+        self._session, self._session_image = restored, image
+        self._multichannel, self._image_replaced = multichannel, False
+        self._restore_pairs(saved, image, layer, pair_layers)
+        steps = restored.trainer.steps_done if restored.trainer else 0
+        self.status.value = f"Restored {Path(path).name} at step {steps}."
+        return True
+
+    def _pair_layers(
+        self, saved: SavedSession
+    ) -> dict[str, tuple[napari.layers.Image, np.ndarray]]:
+        """The open image layers of the saved training set's other pairs, by name."""
+        found = {}
+        for pair in saved.pairs:
+            layer = next(
+                (each for each in self._viewer.layers if each.name == pair.name), None
+            )
+            if isinstance(layer, napari.layers.Image):
+                multichannel = _channels_first_for(layer, pair.scribbles.shape)
+                found[pair.name] = (layer, image_array(layer, multichannel))
+        return found
+
+    def _restore_pairs(
+        self,
+        saved: SavedSession,
+        image: napari.layers.Image,
+        scribbles: napari.layers.Labels,
+        pair_layers: dict[str, tuple[napari.layers.Image, np.ndarray]],
+    ) -> None:
+        """The restored training set in the list, each pair's scribbles a new layer."""
+        self._pairs.clear()
+        self._pair_arrays.clear()
+        self._mailbox.take_pair_changes()  # the old set's, not applied
+        arrays = {name: array for name, (_layer, array) in pair_layers.items()}
+        if saved.in_set:
+            self._pairs[image.name] = (image, scribbles)
+            self._pair_arrays[image.name] = self._session.image
+        for pair in saved.pairs:
+            if pair.name in missing_pairs(saved, arrays):
+                continue
+            layer, array = pair_layers[pair.name]
+            labels = self._viewer.add_labels(
+                pair.scribbles,
+                name=f"{pair.name} scribbles (restored)",
+                metadata={"class_names": list(saved.class_names)},
+                **_layer_geometry(layer, pair.scribbles.ndim),
+            )
+            self._pairs[pair.name] = (layer, labels)
+            self._pair_arrays[pair.name] = array
+        self._show_pairs()
+        missing = missing_pairs(saved, arrays)
+        if missing:
+            show_warning(
+                "Not restored (open these images to train on them again): "
+                + ", ".join(missing)
+            )
+
+    def autosave(self) -> None:
+        """Save the session to the last session file, or to the autosave file."""
+        if self._session is None or self.scribble_picker.value is None:
+            return
+        path = self.session_path or AUTOSAVE_PATH
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.save_session_to(path, quiet=True):
+            self.status.value = f"Autosaved to {path.name} at {time.strftime('%H:%M')}."
+
+    def _on_autosave_changed(self, *_args) -> None:
+        minutes = int(self.autosave_minutes.value)
+        if minutes > 0:
+            self._autosave_timer.start(minutes * 60_000)
+        else:
+            self._autosave_timer.stop()
+
+    def _ask_save_session(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self.native,
+            "Save session",
+            f"session{SESSION_SUFFIX}",
+            f"Session (*{SESSION_SUFFIX})",
+        )
+        if path:
+            self.save_session_to(path)
+
+    def _ask_restore_session(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self.native, "Restore session", "", f"Session (*{SESSION_SUFFIX})"
+        )
+        if path:
+            self.restore_session_from(path)
 
 
 def _predict_boxes(
     classifier: Classifier, image: np.ndarray, boxes: list[Box]
-) -> Iterator[tuple[Box, np.ndarray]]:
+) -> Iterator[tuple[Box, np.ndarray, list[str]]]:
+    """Classes of each box, with messages for the user said for the first time."""
+    said: list[str] = []
     normalization = classifier.normalization.for_image(image)  # once per image
     for box in boxes:
-        proba = predict_box(classifier, image, box, normalization)
+        told: list[str] = []
+        proba = predict_fitting(classifier, image, box, told.append, normalization)
         classes, _ = labels_and_uncertainty(proba)
-        yield box, classes
+        new = [message for message in dict.fromkeys(told) if message not in said]
+        said.extend(new)
+        yield box, classes, new
+
+
+class WorkerError(Exception):
+    """A ``RuntimeError`` of a worker, which superqt would only warn about."""
+
+
+def _reraising(generator: Generator) -> Generator:
+    """Run ``generator``; its RuntimeErrors reach ``errored`` as :class:`WorkerError`.
+
+    superqt's generator workers take a RuntimeError for a deleted Qt object and turn
+    it into a warning: training would stop without a word (torch raises them).
+    """
+    try:
+        return (yield from generator)
+    except RuntimeError as error:
+        raise WorkerError(str(error) or repr(error)) from error
+
+
+def _show_prediction_error(error: Exception) -> None:
+    show_error(f"Prediction failed: {error}")
 
 
 def _single_shot(interval_ms: int, slot) -> QTimer:

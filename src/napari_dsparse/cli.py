@@ -57,9 +57,19 @@ def _run_predict(args: argparse.Namespace) -> int:
         uncertainty=args.uncertainty,
         device=args.device,
         channel_axis=args.channel_axis,
+        progress=not args.quiet,
+        memory=args.memory,
+        scheduler=args.scheduler or args.dask,
     )
     print(summary.text())
     return 1 if summary.failed else 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from napari_dsparse.bioimageio_export import export_bioimageio
+
+    export_bioimageio(args.model, args.bioimageio, report=print)
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -108,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_run_demo)
     _add_train_parser(commands)
     _add_predict_parser(commands)
+    _add_export_parser(commands)
     return parser
 
 
@@ -163,14 +174,14 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "images",
         nargs="+",
-        help="image files, folders (their .tif/.tiff/.npy/.png files) or quoted "
-        "glob patterns such as 'data/*.tif'",
+        help="image files or zarr stores, folders (their .tif/.tiff/.npy/.png files "
+        "and .zarr stores) or quoted glob patterns such as 'data/*.tif'",
     )
     predict.add_argument(
         "--output",
         "-o",
         required=True,
-        help="a .tif file for one image, a folder for several",
+        help="a .tif file or .zarr store for one image, a folder for several",
     )
     predict.add_argument(
         "--probabilities", action="store_true", help="also write class probabilities"
@@ -180,7 +191,60 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
     )
     predict.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best)")
     _add_channel_axis(predict)
+    _add_large_image_options(predict)
     predict.set_defaults(func=_run_predict)
+
+
+def _add_large_image_options(predict: argparse.ArgumentParser) -> None:
+    from napari_dsparse.large import parse_memory
+
+    predict.add_argument(
+        "--memory",
+        type=_input_error_to_usage(parse_memory),
+        default="1GB",
+        help="memory for one tile's computation, e.g. 512MB, 4GB (default 1GB)",
+    )
+    predict.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    cluster = predict.add_mutually_exclusive_group()
+    cluster.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on the dask cluster whose scheduler is at ADDRESS "
+        "(e.g. tcp://10.0.0.5:8786)",
+    )
+    cluster.add_argument(
+        "--dask",
+        choices=["local"],
+        help="'local': run on a dask cluster started on this machine",
+    )
+
+
+def _input_error_to_usage(parse):
+    """An argparse type from a parser that raises ``InputError``."""
+    from napari_dsparse.data import InputError
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except InputError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export", help="convert a model file for other tools (bioimage.io)"
+    )
+    export.add_argument("model", help="model file written by 'train' or napari")
+    export.add_argument(
+        "--bioimageio",
+        metavar="OUT.zip",
+        required=True,
+        help="write a bioimage.io model package (spec 0.5, TorchScript weights)",
+    )
+    export.set_defaults(func=_run_export)
 
 
 def _add_channel_axis(parser: argparse.ArgumentParser) -> None:
@@ -195,12 +259,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``napari-dsparse`` console script."""
     args = build_parser().parse_args(argv)
     from napari_dsparse.data import InputError
+    from napari_dsparse.export import WriteError
 
     try:
         return args.func(args)
+    except WriteError as error:  # an output the system refuses to write
+        print(f"napari-dsparse {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except InputError as error:
         print(f"napari-dsparse {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # e.g. an output path that is a folder, a full disk
+        print(f"napari-dsparse {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"napari-dsparse {args.command}: interrupted", file=sys.stderr)
         return 130

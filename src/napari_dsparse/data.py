@@ -20,11 +20,16 @@ __all__ = [
     "Normalization",
     "NormalizationPolicy",
     "as_channels_first",
+    "as_planes",
     "check_image",
     "check_labels",
+    "check_trainable_image",
     "class_counts",
     "class_weights",
+    "missing_classes",
+    "painted_classes",
     "read_window",
+    "small_image_warning",
 ]
 
 
@@ -38,7 +43,8 @@ def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.
     With ``channel_axis=None`` the layout is inferred as napari does for RGB: a 3D
     array whose last axis has 3 or 4 entries is ``(Y, X, RGB[A])`` (alpha ignored);
     any other 2D or 3D array is one channel (``(Y, X)`` or ``(Z, Y, X)``). Arrays of
-    4 dimensions need an explicit ``channel_axis`` (the others are then ``Z, Y, X``).
+    4 or more dimensions need an explicit ``channel_axis``; the others are then
+    ``Z, Y, X`` or, for time series, ``T, Z, Y, X`` merged into slices.
     """
     if image.ndim == 3 and channel_axis is None and image.shape[-1] in (3, 4):
         return np.moveaxis(image[..., :3], -1, 0)[:, None]  # RGB; alpha ignored
@@ -52,9 +58,9 @@ def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.
     moved = np.moveaxis(image, channel_axis, 0)
     if moved.ndim == 3:
         return moved[:, None]
-    if moved.ndim == 4:
-        return moved
-    raise InputError(f"expected 2D or 3D images with channels, got shape {image.shape}")
+    if moved.ndim >= 4:  # volumes; time series of planes or volumes as slices
+        return as_planes(moved)
+    raise InputError(f"expected 2 or more dimensions, got shape {image.shape}")
 
 
 def check_image(image: np.ndarray, min_size: int = 1) -> None:
@@ -73,9 +79,67 @@ def check_image(image: np.ndarray, min_size: int = 1) -> None:
         )
 
 
+def check_trainable_image(image: np.ndarray) -> None:
+    """:func:`check_image`, and refuse an image whose pixels all have one value.
+
+    Prediction accepts a constant image (an empty frame is legitimate input); training
+    on one cannot tell classes apart, whatever is painted.
+    """
+    check_image(image)
+    if image.size and bool(image.min() == image.max()):
+        raise InputError(
+            f"every pixel of the image has the value {np.asarray(image.min()).item()}: "
+            "there is nothing to tell classes apart"
+        )
+
+
+def small_image_warning(spatial_shape: tuple[int, ...], patch_size: int) -> str | None:
+    """A warning when slices are smaller than the receptive field, else ``None``.
+
+    Such images still work: the missing context is mirrored, as at every border.
+    """
+    height, width = spatial_shape[-2:]
+    if min(height, width) >= patch_size:
+        return None
+    return (
+        f"the image ({height} x {width}) is smaller than the network's receptive "
+        f"field ({patch_size} x {patch_size}): its context is mirrored, predictions "
+        "may be poor"
+    )
+
+
+def as_planes(image: np.ndarray) -> np.ndarray:
+    """Merge every axis between channels and ``(Y, X)`` into one slice axis.
+
+    ``(C, T, Z, Y, X)`` (a time series of volumes) becomes ``(C, T * Z, Y, X)``: the
+    networks are 2D, so each time point and plane is a slice of its own.
+    """
+    return image.reshape((image.shape[0], -1, *image.shape[-2:]))
+
+
+def painted_classes(labels: np.ndarray) -> np.ndarray:
+    """The class ids 1..K with at least one painted pixel, sorted.
+
+    ``labels`` are validated (non-negative integers, see :func:`check_labels`).
+    """
+    present = np.flatnonzero(np.bincount(labels.ravel()))
+    return present[present > 0]
+
+
+def missing_classes(labels: np.ndarray) -> list[int]:
+    """Class ids between 1 and the largest painted one without any stroke (gaps)."""
+    present = painted_classes(labels)
+    if not present.size:
+        return []
+    return sorted(set(range(1, int(present[-1]) + 1)) - set(present.tolist()))
+
+
 def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarray:
     """Validate painted labels against the image; return them as ``(Z, Y, X)`` int64."""
     image_shape = spatial_shape[1:] if spatial_shape[0] == 1 else spatial_shape
+    planes = int(np.prod(labels.shape[:-2]))
+    if labels.ndim > 3 and (planes, *labels.shape[-2:]) == tuple(spatial_shape):
+        labels = labels.reshape(spatial_shape)  # a time series: planes as slices
     if labels.shape not in (spatial_shape, image_shape):
         raise InputError(
             f"labels shape {labels.shape} differs from the image's {image_shape}"

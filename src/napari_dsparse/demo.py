@@ -16,7 +16,14 @@ import numpy as np
 from napari_dsparse.data import InputError, as_channels_first
 from napari_dsparse.export import save_classifier
 from napari_dsparse.files import write_tif
-from napari_dsparse.live import LiveSession, Mailbox, PredictionUpdate, iter_live
+from napari_dsparse.live import (
+    LiveSession,
+    Mailbox,
+    Notice,
+    PredictionUpdate,
+    TrainingPaused,
+    iter_live,
+)
 from napari_dsparse.samples import CLASS_NAMES, coins_sample, coins_truth
 from napari_dsparse.scribbles import correction_strokes
 from napari_dsparse.train import TrainConfig, TrainStatus
@@ -73,6 +80,8 @@ def run_headless_demo(
                 uncertainty[box.r0 : box.r1, box.c0 : box.c1] = event.uncertainty
             elif isinstance(event, TrainStatus):
                 status = event
+            elif isinstance(event, Notice | TrainingPaused):
+                report(event.message)
         report(
             f"round {round_number}/{rounds}: step {status.step}, "
             f"loss {status.loss:.4f}, {status.steps_per_second:.1f} steps/s, "

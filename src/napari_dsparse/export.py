@@ -7,6 +7,7 @@ receptive field, training provenance and the ``state_dict``. Nothing is pickled.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -21,7 +22,13 @@ from napari_dsparse.data import InputError, Normalization
 from napari_dsparse.model import Classifier
 from napari_dsparse.nets import Preset, build_patch_net
 
-__all__ = ["FORMAT_VERSION", "ModelFileError", "load_classifier", "save_classifier"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ModelFileError",
+    "WriteError",
+    "load_classifier",
+    "save_classifier",
+]
 
 FORMAT = "napari-dsparse model"
 FORMAT_VERSION = 1
@@ -29,6 +36,13 @@ FORMAT_VERSION = 1
 
 class ModelFileError(InputError):
     """A model file that is missing, damaged or from a newer version."""
+
+
+class WriteError(InputError):
+    """The system refused to write an output (full disk, a folder in the way...).
+
+    One line like every ``InputError``; the command line exits with 1, not 2.
+    """
 
 
 def classifier_to_dict(classifier: Classifier) -> dict[str, Any]:
@@ -40,12 +54,26 @@ def classifier_to_dict(classifier: Classifier) -> dict[str, Any]:
         "preset": asdict(classifier.preset),
         "in_channels": classifier.in_channels,
         "class_names": list(classifier.class_names),
+        "class_colors": [list(color) for color in classifier.colors()],
         "normalization": classifier.normalization.to_dict(),
         "patch_size": classifier.patch_size,
-        "provenance": dict(classifier.provenance),
+        "receptive_field": classifier.patch_size,
+        "halo": classifier.halo,
+        "provenance": _provenance(classifier),
         "state_dict": {
             k: v.detach().cpu() for k, v in classifier.patch_net.state_dict().items()
         },
+    }
+
+
+def _provenance(classifier: Classifier) -> dict[str, Any]:
+    """Training provenance; steps, seed and package version are always present."""
+    return {
+        "steps": 0,
+        "seed": None,
+        **classifier.provenance,
+        "package_version": classifier.provenance.get("package_version", __version__),
+        "saved_by": __version__,
     }
 
 
@@ -66,14 +94,24 @@ def write_atomically(path: Path, write: Callable[[str], object]) -> None:
             dir=path.parent, prefix=f".{path.name}.", suffix=".part"
         )
     except OSError as error:
-        raise InputError(f"cannot write {path}: {error.strerror}") from error
+        raise WriteError(f"cannot write {path}: {error.strerror}") from error
     os.close(handle)
     try:
         write(temporary)
         os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise WriteError(os_error_message(path, error)) from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def os_error_message(path: Path, error: OSError) -> str:
+    """A one-line reason why ``path`` could not be written."""
+    if error.errno == errno.ENOSPC:
+        return f"cannot write {path}: the disk is full (nothing was left behind)"
+    return f"cannot write {path}: {error.strerror or error}"
 
 
 def load_classifier(
@@ -101,6 +139,9 @@ def load_classifier(
             Normalization.from_dict(payload["normalization"]),
             net,
             provenance=dict(payload["provenance"]),
+            class_colors=tuple(
+                tuple(map(float, color)) for color in payload.get("class_colors", [])
+            ),
         )
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ModelFileError(f"{path} is not a valid model file ({error})") from error
@@ -118,7 +159,10 @@ def _read_payload(path: Path) -> dict[str, Any]:
         ) from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a napari-dsparse model file")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
+    version = payload.get("format_version")
+    if not isinstance(version, int):
+        raise ModelFileError(f"{path} has no valid model format version")
+    if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path} was written by a newer napari-dsparse (model format "
             f"{payload['format_version']}, this version reads up to {FORMAT_VERSION}); "

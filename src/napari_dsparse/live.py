@@ -17,17 +17,35 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from napari_dsparse.data import Normalization
+from napari_dsparse.data import (
+    InputError,
+    Normalization,
+    check_labels,
+    check_trainable_image,
+    painted_classes,
+    small_image_warning,
+)
+from napari_dsparse.faults import (
+    Checkpoint,
+    free_accelerator_memory,
+    has_diverged,
+    is_out_of_memory,
+    move_trainer,
+    predict_fitting,
+    smaller_config,
+)
 from napari_dsparse.model import Classifier, pick_device
 from napari_dsparse.nets import DEFAULT_PRESET
 from napari_dsparse.predict import Box, iter_tiles, labels_and_uncertainty, predict_box
-from napari_dsparse.train import TrainConfig, Trainer, TrainStatus
+from napari_dsparse.train import TrainConfig, Trainer, TrainingDiverged, TrainStatus
 from napari_dsparse.training_set import TrainingSet
 
 __all__ = [
     "LiveSession",
     "Mailbox",
+    "Notice",
     "PredictionUpdate",
+    "TrainingPaused",
     "Waiting",
     "iter_live",
 ]
@@ -122,6 +140,21 @@ class Waiting:
     reason: str
 
 
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know; training goes on."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class TrainingPaused:
+    """Training stopped by itself (the last event); the model is at ``step``."""
+
+    message: str
+    step: int
+
+
 @dataclass
 class LiveSession:
     """An image, its classes and the model being trained on it (Qt-free state).
@@ -130,8 +163,10 @@ class LiveSession:
     (:meth:`set_labels`) are the training pair ``name`` and whose predictions are
     shown. ``pairs`` are more ``(image, labels)`` pairs trained on at the same time
     (:meth:`add_pair`, :meth:`remove_pair`); :meth:`for_image` moves the view to
-    another image and keeps the model and the pairs. The classifier is created on
-    the first snapshot and kept across pauses; :meth:`reset` forgets it.
+    another image and keeps the model and the pairs. The classifier is created once
+    two classes are painted (over the view and the pairs) and kept across pauses;
+    :meth:`reset` forgets it. ``last_good`` is a copy of the trainer's state after
+    the latest healthy round (see :meth:`keep_last_good`).
     """
 
     image: np.ndarray
@@ -142,34 +177,57 @@ class LiveSession:
     classifier: Classifier | None = None
     trainer: Trainer | None = None
     labels_version: int = 0
-    painted: bool = False  # whether the latest snapshot has any painted pixel
+    painted: bool = False  # whether the view and the pairs have two painted classes
     name: str = "image"  # the training pair of the image in view
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     optimizer_state: dict | None = None  # carried over from another image's session
+    last_good: Checkpoint | None = None
+    notices: list[str] = field(default_factory=list)  # for the user, not shown yet
+    _gaps: list[int] = field(default_factory=list)
+    _told: set[str] = field(default_factory=set)
     _labels: np.ndarray | None = field(default=None, repr=False)  # latest snapshot
+    _classes: dict[str, frozenset[int]] = field(
+        default_factory=dict, repr=False
+    )  # painted classes of the view (``name``) and of each pair, counted once
     _view_normalization: tuple[Normalization, Normalization] | None = field(
         default=None, repr=False
     )  # (the model's, resolved for the image in view)
 
+    def __post_init__(self) -> None:
+        check_trainable_image(self.image)
+        for other, (_image, labels) in self.pairs.items():
+            if other != self.name:
+                self._classes[other] = frozenset(painted_classes(labels).tolist())
+
     @property
     def ready(self) -> bool:
-        """Whether there is a model and painted pixels to train on."""
-        return self.trainer is not None and (self.painted or self._pairs_painted())
+        """Whether there is a model and two painted classes to train on."""
+        return self.trainer is not None and self.painted
 
-    def _pairs_painted(self) -> bool:
-        return any((labels > 0).any() for _, labels in self.pairs.values())
+    @property
+    def waiting_reason(self) -> str:
+        """What the user should do before training can start."""
+        return "paint a few strokes of each class (at least two classes)"
+
+    def _painted_classes(self) -> set[int]:
+        """Class ids painted in the view or in any pair."""
+        return set().union(*self._classes.values())
 
     def set_labels(self, labels: np.ndarray, version: int) -> None:
         """Train on ``labels`` from now on (warm start; grows classes if needed).
 
-        A snapshot without paint keeps the model and pauses training until strokes
-        come back.
+        Training needs strokes of two classes over the view and the pairs together:
+        one class alone teaches nothing but "everything is this class". Until then
+        the model is kept and training pauses.
         """
         self.labels_version = version
-        self.painted = bool((labels > 0).any())
+        labels = check_labels(labels, self.image.shape[1:])
         self._labels = labels
-        if not self.painted and not self._pairs_painted():
+        self._classes[self.name] = frozenset(painted_classes(labels).tolist())
+        self.painted = len(self._painted_classes()) >= 2
+        if not self.painted:
             return
+        self._note_gaps()
         self._update_pair(self.name, self.image, labels)
 
     def add_pair(self, name: str, image: np.ndarray, labels: np.ndarray) -> None:
@@ -177,18 +235,33 @@ class LiveSession:
 
         ``name`` is the pair's name; the image in view is the pair :attr:`name`.
         """
+        check_trainable_image(image)
+        labels = check_labels(labels, image.shape[1:])
         self.pairs[name] = (image, labels)
         if name == self.name:
             self.set_labels(labels, self.labels_version)
             return
-        if (labels > 0).any() or self.trainer is not None:
+        self._classes[name] = frozenset(painted_classes(labels).tolist())
+        self.painted = len(self._painted_classes()) >= 2
+        if self.painted:
+            self._note_gaps()
+        if self.painted or self.trainer is not None:
             self._update_pair(name, image, labels)
 
     def remove_pair(self, name: str) -> None:
         """Stop training on the pair ``name`` (the image in view stays)."""
         self.pairs.pop(name, None)
-        if self.trainer is not None and name != self.name:
+        if name == self.name:
+            return
+        self._classes.pop(name, None)
+        self.painted = len(self._painted_classes()) >= 2
+        if self.trainer is None:
+            return
+        try:
             self.trainer.remove_pair(name)
+        except InputError:  # nothing painted would be left: keep the optimiser
+            self.optimizer_state = self.trainer.optimizer.state_dict()
+            self.trainer = None
 
     def for_image(self, name: str, image: np.ndarray) -> LiveSession:
         """A session viewing ``image`` as pair ``name``, with this model and pairs.
@@ -215,9 +288,17 @@ class LiveSession:
             ),
         )
 
+    def _all_labels(self) -> Iterator[np.ndarray]:
+        if self._labels is not None:
+            yield self._labels
+        for other, (_image, labels) in self.pairs.items():
+            if other != self.name:
+                yield labels
+
     def _update_pair(self, name: str, image: np.ndarray, labels: np.ndarray) -> None:
         """Put ``(image, labels)`` into the trainer's set, growing classes if needed."""
-        num_classes = max(len(self.class_names), int(labels.max(initial=0)))
+        largest = max(int(labels.max(initial=0)) for labels in self._all_labels())
+        num_classes = max(len(self.class_names), largest, int(labels.max(initial=0)))
         if num_classes > len(self.class_names):
             extra = range(len(self.class_names) + 1, num_classes + 1)
             self.class_names = (*self.class_names, *(f"class {k}" for k in extra))
@@ -228,6 +309,10 @@ class LiveSession:
             self.trainer = None
         if self.trainer is None:
             self.trainer = self._new_trainer(name, image, labels)
+            self.keep_last_good()
+            warning = small_image_warning(image.shape[1:], self.classifier.patch_size)
+            if warning:
+                self.tell(warning)
         else:
             self.trainer.add_pair(name, image, labels)
 
@@ -251,6 +336,82 @@ class LiveSession:
             self.optimizer_state = None
         return trainer
 
+    def _note_gaps(self) -> None:
+        """Tell the user once about class ids without strokes (e.g. 1 and 3 only)."""
+        painted = self._painted_classes()
+        gaps = sorted(set(range(1, max(painted, default=0) + 1)) - painted)
+        if gaps and gaps != self._gaps:
+            names = ", ".join(
+                f"{k} ({self.class_names[k - 1]!r})"
+                if k <= len(self.class_names)
+                else str(k)
+                for k in gaps
+            )
+            self.tell(f"no strokes of class {names}: it is not predicted until painted")
+        self._gaps = gaps
+
+    def tell(self, message: str) -> None:
+        """Queue ``message`` for the user, once per session."""
+        if message not in self._told:
+            self._told.add(message)
+            self.notices.append(message)
+
+    def keep_last_good(self) -> None:
+        """Remember the trainer's state as the one to return to after divergence."""
+        if self.trainer is not None:
+            self.last_good = Checkpoint.of(self.trainer)
+
+    def restore_last_good(self) -> int:
+        """Put the model back to :attr:`last_good`; returns its step count."""
+        assert self.trainer is not None and self.last_good is not None
+        self.last_good.restore(self.trainer)
+        return self.last_good.steps_done
+
+    def recover_from_out_of_memory(self) -> str:
+        """Train on smaller batches; once they are minimal, on the CPU."""
+        assert self.trainer is not None
+        free_accelerator_memory()
+        smaller = smaller_config(self.trainer.config)
+        if smaller is not None:
+            self.config = self.trainer.config = smaller
+            return (
+                "out of memory: training on smaller batches "
+                f"({smaller.batch_size} crops of {smaller.crop_size} px)"
+            )
+        if self.trainer.classifier.device.type == "cpu":
+            raise MemoryError("out of memory even on the CPU: close other programs")
+        move_trainer(self.trainer, "cpu")
+        self.device = "cpu"
+        return "out of GPU memory: training moved to the CPU (slower)"
+
+    def replace_image(self, image: np.ndarray) -> bool:
+        """Train on new pixels of the same layout; whether the model could be kept.
+
+        With the same shape the view's training pair gets the new pixels (and, per
+        image, their own normalisation) and training goes on. With another number of
+        channels or another size the model and trainer are forgotten (the scribbles
+        would not fit); the other pairs of the set stay for the next model.
+        """
+        check_trainable_image(image)
+        same = image.shape == self.image.shape
+        self.image = image
+        self._view_normalization = None
+        if self.name in self.pairs:
+            labels = self.pairs[self.name][1]
+            if same:
+                self.pairs[self.name] = (image, labels)
+            else:
+                del self.pairs[self.name]
+        if not same:
+            self._labels = None
+            self._classes.pop(self.name, None)
+            self.painted = len(self._painted_classes()) >= 2
+            self.reset()
+        elif self.trainer is not None and self.name in self.trainer.training_set:
+            labels = self.trainer.training_set[self.name].labels
+            self.trainer.add_pair(self.name, image, labels)
+        return same
+
     def set_learning_rate(self, learning_rate: float) -> None:
         """Use ``learning_rate`` from the next step on (the optimiser state stays)."""
         self.config = replace(self.config, learning_rate=learning_rate)
@@ -273,6 +434,7 @@ class LiveSession:
         self.classifier = None
         self.trainer = None
         self.optimizer_state = None
+        self.last_good = None
         self._view_normalization = None
 
     def predict(self, box: Box) -> PredictionUpdate:
@@ -282,13 +444,27 @@ class LiveSession:
         if self._view_normalization is None or self._view_normalization[0] != model:
             # once per image and model: the image's own percentiles by default
             self._view_normalization = (model, model.for_image(self.image))
-        proba = predict_box(
-            self.classifier, self.image, box, self._view_normalization[1]
-        )  # (K, h, w)
+        proba = self._predict_fitting(box, self._view_normalization[1])  # (K, h, w)
         classes, uncertainty = labels_and_uncertainty(proba)
         return PredictionUpdate(
             box, classes, uncertainty, self.trainer.steps_done, self.labels_version
         )
+
+    def _predict_fitting(self, box: Box, normalization: Normalization) -> np.ndarray:
+        """``predict_box`` in smaller tiles, then on the CPU, when memory runs out."""
+        try:
+            return predict_fitting(
+                self.classifier, self.image, box, self.tell, normalization
+            )
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+        if self.classifier.device.type == "cpu":
+            raise MemoryError("out of memory even on the CPU: close other programs")
+        move_trainer(self.trainer, "cpu")
+        self.device = "cpu"
+        self.tell("out of GPU memory: moved to the CPU (slower)")
+        return predict_box(self.classifier, self.image, box, normalization)
 
 
 def preview_boxes(
@@ -328,24 +504,47 @@ def iter_live(
     mailbox: Mailbox,
     round_seconds: float = 0.4,
     rounds: int | None = None,
-) -> Generator[TrainStatus | PredictionUpdate | Waiting, None, None]:
+) -> Generator[
+    TrainStatus | PredictionUpdate | Waiting | Notice | TrainingPaused, None, None
+]:
     """Train in rounds of ``round_seconds`` and stream predictions (forever by default).
 
-    Yields after every step and every tile, so a worker can quit promptly.
+    Yields after every step and every tile, so a worker can quit promptly. When the
+    loss diverges the model goes back to its last good state and the loop ends with
+    :class:`TrainingPaused`; out of GPU memory it shrinks the work and says so in a
+    :class:`Notice`.
     """
     done = 0
     while rounds is None or done < rounds:
-        if not _take_snapshot(session, mailbox):
-            yield Waiting("paint a few strokes of each class")
+        ready = _take_snapshot(session, mailbox)
+        yield from _notices(session)
+        if not ready:
+            yield Waiting(session.waiting_reason)
             time.sleep(0.05)
             continue
-        yield from _train_round(session, mailbox, round_seconds)
+        diverged = yield from _train_round(session, mailbox, round_seconds)
+        yield from _notices(session)
+        if diverged:
+            step = session.restore_last_good()
+            yield TrainingPaused(
+                f"training paused: {diverged}; the model is back at step "
+                f"{step}. Lower the learning rate and press Train",
+                step,
+            )
+            return
+        session.keep_last_good()
         view, z = mailbox.view()
         for box in preview_boxes(session.image.shape[1:], view, z):
             if mailbox.has_new_labels():
                 break
             yield session.predict(box)
+            yield from _notices(session)
         done += 1
+
+
+def _notices(session: LiveSession) -> Iterator[Notice]:
+    while session.notices:
+        yield Notice(session.notices.pop(0))
 
 
 def _take_snapshot(session: LiveSession, mailbox: Mailbox) -> bool:
@@ -361,14 +560,42 @@ def _take_snapshot(session: LiveSession, mailbox: Mailbox) -> bool:
     return session.ready
 
 
+def _step(session: LiveSession) -> tuple[float, str] | str:
+    """One training step: its loss and mode, or why it diverged.
+
+    Out of memory, the work shrinks (see :meth:`LiveSession.recover_from_out_of_memory`)
+    and the step is tried again.
+    """
+    assert session.trainer is not None
+    while True:
+        try:
+            loss, mode = session.trainer.step()
+        except TrainingDiverged as error:
+            return str(error).split(";")[0]  # without train.py's advice
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            session.tell(session.recover_from_out_of_memory())
+            continue
+        if has_diverged(loss, session.trainer.classifier.patch_net):
+            return (
+                f"the loss exploded to {loss:.3g} at step {session.trainer.steps_done}"
+            )
+        return loss, mode
+
+
 def _train_round(
     session: LiveSession, mailbox: Mailbox, seconds: float
-) -> Iterator[TrainStatus]:
+) -> Generator[TrainStatus, None, str | None]:
+    """Train for ``seconds``; returns why the loss diverged, or ``None``."""
     assert session.trainer is not None
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         tick = time.perf_counter()
-        loss, mode = session.trainer.step()
+        outcome = _step(session)
+        if isinstance(outcome, str):
+            return outcome
+        loss, mode = outcome
         yield TrainStatus(
             session.trainer.steps_done,
             loss,
@@ -380,3 +607,4 @@ def _train_round(
         if mailbox.has_new_labels() and _take_snapshot(session, mailbox):
             # show the stroke soon: a short burst of steps, then the preview
             start = time.perf_counter() - seconds + min(seconds, AFTER_STROKE_SECONDS)
+    return None

@@ -12,7 +12,17 @@ from napari_dsparse.data import Normalization
 from napari_dsparse.nets import DEFAULT_PRESET, PRESETS, Preset, build_patch_net
 from napari_dsparse.sparse import DenseNet, to_dense
 
-__all__ = ["Classifier", "pick_device"]
+__all__ = ["DEFAULT_COLORS", "Classifier", "pick_device"]
+
+Color = tuple[float, float, float, float]  # RGBA in [0, 1]
+
+# Matplotlib's tab10, in RGBA: distinct for the first ten classes, then repeated.
+_TAB10 = ("1f77b4", "ff7f0e", "2ca02c", "d62728", "9467bd")
+_TAB10 += ("8c564b", "e377c2", "7f7f7f", "bcbd22", "17becf")
+DEFAULT_COLORS: tuple[Color, ...] = tuple(
+    (int(h[0:2], 16) / 255, int(h[2:4], 16) / 255, int(h[4:6], 16) / 255, 1.0)
+    for h in _TAB10
+)
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -36,7 +46,8 @@ class Classifier:
     """A patch network, its exact dense form and what is needed to apply it.
 
     ``patch_net`` and ``dense`` share parameters: training one trains the other.
-    ``provenance`` holds plain data about training (steps, seed, version).
+    ``provenance`` holds plain data about training (steps, seed, version);
+    ``class_colors`` one RGBA colour (floats in [0, 1]) per class, for display.
     """
 
     preset: Preset
@@ -46,9 +57,18 @@ class Classifier:
     patch_net: nn.Sequential
     dense: DenseNet = field(init=False)
     provenance: dict[str, Any] = field(default_factory=dict)
+    class_colors: tuple[Color, ...] = ()
 
     def __post_init__(self) -> None:
         self.dense = to_dense(self.patch_net)
+
+    def colors(self) -> tuple[Color, ...]:
+        """``class_colors``, completed from :data:`DEFAULT_COLORS` for every class."""
+        given = tuple(tuple(map(float, color)) for color in self.class_colors)
+        missing = range(len(given), self.num_classes)
+        return given[: self.num_classes] + tuple(
+            DEFAULT_COLORS[k % len(DEFAULT_COLORS)] for k in missing
+        )
 
     @classmethod
     def create(
@@ -100,6 +120,7 @@ class Classifier:
             new_state[name][: value.shape[0]] = value  # the head gains rows only
         grown.patch_net.load_state_dict(new_state)
         grown.provenance = dict(self.provenance)
+        grown.class_colors = self.class_colors
         return grown
 
     def to(self, device: torch.device | str) -> Classifier:

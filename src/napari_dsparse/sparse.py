@@ -845,7 +845,16 @@ def _head(
         batch = batch * phase + pos % phase
     batch = batch * mask.shape[0] + coords[:, :1]
     index = [pos // phase for pos, phase in zip(positions, phases, strict=True)]
-    gathered = features.movedim(1, -1)[(batch, *index)]  # (M, T, C)
+    channels_last = features.movedim(1, -1)  # (N', *S', C)
+    linear = batch
+    for idx, size in zip(index, channels_last.shape[1:-1], strict=True):
+        linear = linear * size + idx
+    # index_select: its backward (index_add) is deterministic on the CPU, unlike
+    # advanced indexing's accumulating index_put
+    gathered = channels_last.reshape(-1, channels_last.shape[-1]).index_select(
+        0, linear.flatten()
+    )
+    gathered = gathered.reshape(*linear.shape, gathered.shape[-1])  # (M, T, C)
     flat = gathered.transpose(1, 2).flatten(1)  # (M, C * T)
     for op in plan.ops[plan.head :]:
         flat = op.module(flat)

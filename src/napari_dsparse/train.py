@@ -189,9 +189,13 @@ class Trainer:
         batch = self.whole_batch() if mode == "whole" else self.crop_batch()
         device = self.classifier.device
         self.classifier.patch_net.train()
-        logits = self.classifier.dense(batch.windows.to(device), valid=True)
-        loss = masked_cross_entropy(
-            logits, batch.targets.to(device), self.weights.to(device)
+        targets = batch.targets.to(device)
+        painted = targets > 0  # only these pixels' logits are computed
+        logits = self.classifier.dense.pixels(
+            batch.windows.to(device), painted, valid=True
+        )  # (M, K)
+        loss = painted_cross_entropy(
+            logits, targets[painted] - 1, self.weights.to(device)
         )
         if not torch.isfinite(loss):
             raise TrainingDiverged(
@@ -303,6 +307,19 @@ def masked_cross_entropy(
     classes = (targets - 1).clamp(min=0)
     per_pixel = F.cross_entropy(logits, classes, reduction="none")  # (B, h, w)
     pixel_weights = weights[classes] * painted
+    return (per_pixel * pixel_weights).sum() / pixel_weights.sum().clamp(min=1e-12)
+
+
+def painted_cross_entropy(
+    logits: torch.Tensor, classes: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Weighted mean cross-entropy of painted pixels' ``(M, K)`` logits.
+
+    ``classes`` are ``(M,)`` in 0..K-1. Equal to :func:`masked_cross_entropy` on the
+    dense logits, whose unpainted pixels get zero weight.
+    """
+    per_pixel = F.cross_entropy(logits, classes, reduction="none")  # (M,)
+    pixel_weights = weights[classes]
     return (per_pixel * pixel_weights).sum() / pixel_weights.sum().clamp(min=1e-12)
 
 

@@ -17,14 +17,20 @@ from napari_dsparse.data import (
     Normalization,
     NormalizationPolicy,
     as_channels_first,
-    check_image,
     check_labels,
+    check_trainable_image,
     class_counts,
 )
 from napari_dsparse.export import load_classifier, save_classifier
-from napari_dsparse.files import IMAGE_SUFFIXES, read_array, write_tif
+from napari_dsparse.files import IMAGE_SUFFIXES, read_array
+from napari_dsparse.large import (
+    DEFAULT_MEMORY,
+    Outputs,
+    open_lazy,
+    predict_file,
+    progress_bar,
+)
 from napari_dsparse.model import Classifier, pick_device
-from napari_dsparse.predict import labels_and_uncertainty, predict_proba
 from napari_dsparse.train import TrainConfig, Trainer, iter_train
 from napari_dsparse.training_set import TrainingSet
 
@@ -143,7 +149,7 @@ def _read_pair(
     image_path: str | Path, labels_path: str | Path, channel_axis: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
     image = as_channels_first(read_array(image_path), channel_axis)  # (C, Z, Y, X)
-    check_image(image)
+    check_trainable_image(image)
     try:
         labels = check_labels(read_array(labels_path), image.shape[1:])
     except InputError as error:
@@ -186,34 +192,42 @@ def predict_files(
     device: str | None = None,
     channel_axis: int | None = None,
     report: Report = _silent,
+    memory: int = DEFAULT_MEMORY,
+    scheduler: str | None = None,
+    show_progress: bool = False,
 ) -> list[Path]:
-    """Predict each image with the model; returns the class files written."""
+    """Predict each image with the model; returns the class files written.
+
+    Images of any size are read lazily and predicted tile by tile within ``memory``
+    bytes (see :mod:`napari_dsparse.large`); ``scheduler`` (``"local"`` or an
+    address) runs the tiles on a dask cluster.
+    """
     classifier = load_classifier(model_path, _device(device))
     targets = _output_paths(image_paths, Path(output))
+    outputs = Outputs(probabilities=probabilities, uncertainty=uncertainty)
     written = []
     for image_path, classes_path in zip(image_paths, targets, strict=True):
-        raw = read_array(image_path)
-        image = as_channels_first(raw, channel_axis)
-        proba = predict_proba(classifier, image)  # (K, Z, Y, X)
-        classes, unsure = labels_and_uncertainty(proba)
-        spatial = image.shape[1:] if image.shape[1] > 1 else image.shape[2:]
-        written.append(write_tif(classes_path, classes.reshape(spatial)))
-        if probabilities:
-            write_tif(
-                _sibling(classes_path, "probabilities"),
-                proba.reshape((proba.shape[0], *spatial)),
+        with progress_bar(Path(image_path).name, show_progress) as progress:
+            paths = predict_file(
+                classifier,
+                image_path,
+                classes_path,
+                outputs,
+                memory=memory,
+                channel_axis=channel_axis,
+                progress=progress,
+                scheduler=scheduler,
             )
-        if uncertainty:
-            write_tif(_sibling(classes_path, "uncertainty"), unsure.reshape(spatial))
+        written.append(paths[0])
         report(f"{image_path} -> {classes_path}")
     return written
 
 
 def _output_paths(images: Sequence[str | Path], output: Path) -> list[Path]:
     """One .tif for a single image, else ``output/<image stem>.tif`` for each."""
-    if len(images) == 1 and output.suffix.lower() in (".tif", ".tiff"):
+    if len(images) == 1 and output.suffix.lower() in (".tif", ".tiff", ".zarr"):
         return [output]
-    if output.suffix.lower() in (".tif", ".tiff"):
+    if output.suffix.lower() in (".tif", ".tiff", ".zarr"):
         raise InputError(
             f"{len(images)} images need an output folder, not the file {output}"
         )
@@ -225,10 +239,6 @@ def _output_paths(images: Sequence[str | Path], output: Path) -> list[Path]:
     if len(set(stems)) < len(stems):
         raise InputError("two input images share a file name; outputs would collide")
     return [output / f"{stem}.tif" for stem in stems]
-
-
-def _sibling(path: Path, kind: str) -> Path:
-    return path.with_name(f"{path.stem}_{kind}.tif")
 
 
 @dataclass
@@ -257,28 +267,36 @@ class PredictSummary:
 
 
 def expand_images(sources: Sequence[str | Path]) -> list[Path]:
-    """Image files named by ``sources``: files, folders (their image files) or globs.
+    """Images named by ``sources``: files, zarr stores, folders or glob patterns.
 
-    A folder gives its files with an image suffix, sorted; a pattern with ``*``, ``?``
-    or ``[`` gives its sorted matches. A name that is none of these is kept, so that
-    it is reported as missing. ``InputError`` if nothing is left.
+    A folder gives its images (files with an image suffix and ``.zarr`` stores),
+    sorted; a pattern with ``*``, ``?`` or ``[`` gives its sorted matching images. A
+    name that is none of these is kept, so that it is reported as missing.
+    ``InputError`` if nothing is left.
     """
     images: list[Path] = []
     for source in map(str, sources):
         path = Path(source)
-        if path.is_dir():
-            images += sorted(
-                p
-                for p in path.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
+        if path.is_dir() and not _is_zarr(path):
+            images += sorted(p for p in path.iterdir() if _is_image(p))
         elif not path.exists() and any(c in source for c in "*?["):
-            images += sorted(Path(p) for p in glob.glob(source) if Path(p).is_file())
+            images += sorted(Path(p) for p in glob.glob(source) if _is_image(Path(p)))
         else:
             images.append(path)
     if not images:
         raise InputError(f"no image files in {', '.join(map(str, sources))}")
     return list(dict.fromkeys(images))  # each file once, in order
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.name.lower().endswith(".zarr")
+
+
+def _is_image(path: Path) -> bool:
+    """An image file (by suffix) or a zarr store (a folder ending in ``.zarr``)."""
+    if path.is_dir():
+        return _is_zarr(path)
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def predict_many(
@@ -290,31 +308,47 @@ def predict_many(
     device: str | None = None,
     channel_axis: int | None = None,
     progress: bool = True,
+    memory: int = DEFAULT_MEMORY,
+    scheduler: str | None = None,
 ) -> PredictSummary:
     """Predict every image of ``sources`` (files, folders, globs) into ``output``.
 
-    One progress bar over the files (on stderr; ``progress=False`` hides it). A file
-    that cannot be read or predicted (``InputError``) is skipped, gets no output
-    and is listed in the summary's ``failed``; the others go on.
+    Each image goes through :func:`napari_dsparse.large.predict_file`: read lazily,
+    predicted tile by tile within ``memory`` bytes (or on the dask cluster
+    ``scheduler``), normalised as the model's policy says. Progress bars on stderr
+    (``progress=False`` hides them): one over the files when there are several, and
+    one over the tiles of the file being predicted. A file that cannot be read,
+    predicted or written (``InputError``) is skipped, gets no output and is listed
+    in the summary's ``failed``; the others go on.
     """
     start = time.perf_counter()
     classifier = load_classifier(model_path, _device(device))
     images = expand_images(sources)
     targets = _output_paths(images, Path(output))
+    outputs = Outputs(probabilities=probabilities, uncertainty=uncertainty)
     summary = PredictSummary()
-    bar = tqdm(total=len(images), unit="file", desc="predict", disable=not progress)
+    bar = tqdm(
+        total=len(images),
+        unit="file",
+        desc="predict",
+        disable=not progress or len(images) == 1,
+    )
     with bar:
         for image_path, classes_path in zip(images, targets, strict=True):
             bar.set_postfix_str(image_path.name, refresh=False)
             try:
-                pixels = _predict_one(
-                    classifier,
-                    image_path,
-                    classes_path,
-                    probabilities,
-                    uncertainty,
-                    channel_axis,
-                )
+                with progress_bar(image_path.name, progress) as tiles:
+                    predict_file(
+                        classifier,
+                        image_path,
+                        classes_path,
+                        outputs,
+                        memory=memory,
+                        channel_axis=channel_axis,
+                        progress=tiles,
+                        scheduler=scheduler,
+                    )
+                pixels = _pixels(image_path, channel_axis)
             except InputError as error:
                 summary.failed.append((image_path, str(error)))
             else:
@@ -325,25 +359,7 @@ def predict_many(
     return summary
 
 
-def _predict_one(
-    classifier: Classifier,
-    image_path: Path,
-    classes_path: Path,
-    probabilities: bool,
-    uncertainty: bool,
-    channel_axis: int | None,
-) -> int:
-    """Predict one file and write its outputs; returns its number of pixels."""
-    image = as_channels_first(read_array(image_path), channel_axis)
-    proba = predict_proba(classifier, image)  # (K, Z, Y, X)
-    classes, unsure = labels_and_uncertainty(proba)
-    spatial = image.shape[1:] if image.shape[1] > 1 else image.shape[2:]
-    write_tif(classes_path, classes.reshape(spatial))
-    if probabilities:
-        write_tif(
-            _sibling(classes_path, "probabilities"),
-            proba.reshape((proba.shape[0], *spatial)),
-        )
-    if uncertainty:
-        write_tif(_sibling(classes_path, "uncertainty"), unsure.reshape(spatial))
+def _pixels(image_path: Path, channel_axis: int | None) -> int:
+    """Pixels of every slice of an image file (its shape only, read lazily)."""
+    image = as_channels_first(open_lazy(image_path), channel_axis)
     return int(np.prod(image.shape[1:]))

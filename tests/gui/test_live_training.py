@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from napari_dsparse._demo import PLUGIN, WIDGET
+from napari_dsparse.export import load_classifier
 
 pytestmark = pytest.mark.gui
 
@@ -114,9 +115,12 @@ def test_update_once_trains_briefly_and_stops(make_napari_viewer, qtbot) -> None
 
 
 def test_export_then_apply_to_another_layer(trained_viewer, qtbot, tmp_path) -> None:
-    viewer, widget, _ = trained_viewer
+    viewer, widget, scribbles = trained_viewer
     widget.export_model(tmp_path / "model.pt")
-    assert (tmp_path / "model.pt").is_file()
+    colors = load_classifier(tmp_path / "model.pt").colors()  # the painted colours
+    np.testing.assert_allclose(
+        colors, scribbles.colormap.map(np.arange(1, len(colors) + 1)), atol=1e-6
+    )
     other = viewer.add_image(_disc_image(64), name="other")
     with qtbot.waitSignal(widget.apply_to_layer(other).finished, timeout=20_000):
         pass

@@ -118,3 +118,20 @@ def test_a_time_series_lists_its_painted_time_points(make_napari_viewer) -> None
     widget.add_pair(layer, scribbles)
     assert widget.pair_rows() == ["series: background 54, coin 10 (2 of 4 slices)"]
     assert np.shares_memory(widget._pair_arrays["series"], layer.data)  # no copy
+
+
+def test_a_saved_session_restores_the_training_set(two_images, qtbot, tmp_path) -> None:
+    viewer, widget, left, _right = two_images
+    widget.update_button.clicked.emit()  # "right" in view; both pairs in the set
+    with qtbot.waitSignal(widget._worker.finished, timeout=30_000):
+        pass
+    assert widget.save_session_to(tmp_path / "s.pt")
+    left_strokes = left.data.copy()
+    widget.remove_pair("left")
+    widget.remove_pair("right")
+    assert widget.pair_rows() == []
+    assert widget.restore_session_from(tmp_path / "s.pt")
+    assert [row.split(":")[0] for row in widget.pair_rows()] == ["right", "left"]
+    restored = viewer.layers["left scribbles (restored)"]
+    np.testing.assert_array_equal(restored.data, left_strokes)
+    assert sorted(widget._session.trainer.training_set.names) == ["left", "right"]

@@ -1,0 +1,432 @@
+"""Prediction at any image size: lazy reading, memory-bounded tiles, incremental writes.
+
+An input file is opened as a dask array (TIFF and BigTIFF through tifffile's zarr
+store, .npy memory-mapped, zarr and OME-Zarr as they are chunked; only .png is read
+whole), so a tile reads just the pixels it needs. Tiles are sized from a memory
+budget, predicted exactly with their halos (:func:`napari_dsparse.predict.predict_box`)
+and written as they come into a zarr store under a temporary name; a .tif output is
+then streamed from it tile by tile. Only a finished result is renamed to the output
+name: an error or Ctrl-C leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import tifffile
+import torch
+from torch import nn
+
+from napari_dsparse.data import InputError, Normalization, as_channels_first
+from napari_dsparse.export import WriteError, os_error_message, write_atomically
+from napari_dsparse.model import Classifier
+from napari_dsparse.predict import (
+    _check_compatible,
+    iter_tiles,
+    labels_and_uncertainty,
+    predict_box,
+)
+
+__all__ = [
+    "DEFAULT_MEMORY",
+    "LAZY_SUFFIXES",
+    "Outputs",
+    "TiffRegions",
+    "open_lazy",
+    "parse_memory",
+    "predict_file",
+    "tile_for_memory",
+]
+
+DEFAULT_MEMORY = 2**30  # bytes for one tile's activations and buffers (1 GB)
+LAZY_SUFFIXES = (".tif", ".tiff", ".npy", ".png", ".zarr")
+OUTPUT_SUFFIXES = (".tif", ".tiff", ".zarr")
+TILE_MULTIPLE = 16  # TIFF tiles must be multiples of 16 pixels
+MAX_TILE = 4096  # larger tiles gain no speed and make progress coarse
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Which results to write besides the classes (1..K)."""
+
+    probabilities: bool = False
+    uncertainty: bool = False
+
+    def names(self) -> tuple[str, ...]:
+        return (
+            ("classes",)
+            + ("probabilities",) * self.probabilities
+            + ("uncertainty",) * self.uncertainty
+        )
+
+
+def parse_memory(text: str) -> int:
+    """``"1GB"``, ``"512M"``, ``"2e9"`` -> bytes; ``InputError`` if unreadable."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in units else ""
+    try:
+        amount = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise InputError(f"cannot read the memory size {text!r} (e.g. 1GB)") from None
+    if amount <= 0:
+        raise InputError(f"the memory size must be positive, not {text!r}")
+    return int(amount * units[unit])
+
+
+# -- reading ----------------------------------------------------------------------
+
+
+def open_lazy(path: str | Path) -> da.Array:
+    """The image at ``path`` as a dask array that reads only what is sliced."""
+    path = Path(path)
+    suffix = ".zarr" if path.name.lower().endswith(".zarr") else path.suffix.lower()
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    if suffix not in LAZY_SUFFIXES:
+        raise InputError(
+            f"{path}: unsupported file type {suffix!r} (use {', '.join(LAZY_SUFFIXES)})"
+        )
+    try:
+        if suffix in (".tif", ".tiff"):
+            return _open_tif(path)
+        if suffix == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            return da.from_array(array, chunks=_row_chunks(array), asarray=True)
+        if suffix == ".zarr":
+            return _open_zarr(path)
+        from skimage.io import imread
+
+        return da.from_array(imread(path))
+    except InputError:
+        raise
+    except Exception as error:
+        raise InputError(f"cannot read {path}: {error}") from error
+
+
+def _open_tif(path: Path) -> da.Array:
+    array = TiffRegions(path)
+    return da.from_array(array, chunks=array.chunks)
+
+
+class TiffRegions:
+    """A TIFF's first series (full resolution), read region by region.
+
+    tifffile's zarr store reads only the tiles or strips a region touches. The store
+    holds an open file and a lock, so this wrapper pickles as its path and reopens
+    the file in each process (dask workers).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._array = None
+        array = self._open()
+        self.shape: tuple[int, ...] = tuple(array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.chunks: tuple[int, ...] = tuple(array.chunks)
+        self.ndim = len(self.shape)
+
+    def _open(self):
+        if self._array is None:
+            import zarr
+
+            node = zarr.open(tifffile.imread(self.path, aszarr=True), mode="r")
+            # A pyramid is a group whose level "0" is the full resolution.
+            self._array = node["0"] if isinstance(node, zarr.Group) else node
+        return self._array
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.asarray(self._open()[key])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}
+
+
+def _open_zarr(path: Path) -> da.Array:
+    """A zarr array, or the full-resolution array of an OME-Zarr (or other) group."""
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    if isinstance(node, zarr.Group):
+        multiscales = node.attrs.get("multiscales") or node.attrs.get("ome", {}).get(
+            "multiscales"
+        )
+        if multiscales:
+            node = node[multiscales[0]["datasets"][0]["path"]]
+        else:
+            arrays = sorted(name for name, _ in node.arrays())
+            if not arrays:
+                raise InputError(f"{path} is a zarr group without arrays")
+            node = node[arrays[0]]
+    return da.from_zarr(node)
+
+
+def _row_chunks(array: np.ndarray) -> tuple[int, ...]:
+    """Chunks of about 64 MB along the first axis (memory-mapped arrays)."""
+    row_bytes = max(1, array.nbytes // max(1, array.shape[0]))
+    return (max(1, 2**26 // row_bytes), *array.shape[1:])
+
+
+# -- tiles from a memory budget ---------------------------------------------------
+
+
+def activation_bytes_per_pixel(classifier: Classifier) -> int:
+    """Bytes of float32 activations per pixel, summed over the layers' outputs.
+
+    Activation functions (same channels, no weights) and ``Flatten`` are not
+    counted. Measured peaks of the dense pass are about half of this (maps are
+    freed as the pass moves on), which leaves room for the tile's buffers.
+    """
+    channels: list[int] = []
+
+    def record(module: nn.Module, inputs, output: torch.Tensor) -> None:
+        changes = output.shape[1] != inputs[0].shape[1]
+        if not isinstance(module, nn.Flatten) and (changes or _has_weights(module)):
+            channels.append(int(output.shape[1]))
+
+    leaves = [m for m in classifier.patch_net.modules() if not list(m.children())]
+    hooks = [module.register_forward_hook(record) for module in leaves]
+    size = classifier.patch_size
+    patch = torch.zeros(1, classifier.in_channels, size, size)
+    try:
+        with torch.inference_mode():
+            classifier.patch_net(patch.to(classifier.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return 4 * (classifier.in_channels + sum(channels))
+
+
+def _has_weights(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def tile_for_memory(classifier: Classifier, memory: int) -> int:
+    """Output tile side whose window (tile + 2 halo) fits ``memory`` bytes."""
+    window = int(np.sqrt(memory / activation_bytes_per_pixel(classifier)))
+    tile = (window - 2 * classifier.halo) // TILE_MULTIPLE * TILE_MULTIPLE
+    return int(np.clip(tile, TILE_MULTIPLE, MAX_TILE))
+
+
+# -- predicting into a zarr store -------------------------------------------------
+
+
+def predict_file(
+    classifier: Classifier,
+    image_path: str | Path,
+    output: str | Path,
+    outputs: Outputs = Outputs(),
+    memory: int = DEFAULT_MEMORY,
+    channel_axis: int | None = None,
+    progress: Progress | None = None,
+    scheduler: str | None = None,
+) -> list[Path]:
+    """Predict the image at ``image_path`` tile by tile; write .tif or .zarr results.
+
+    A .tif ``output`` holds the classes; probabilities and uncertainty go to
+    ``<stem>_probabilities.tif`` and ``<stem>_uncertainty.tif``. A .zarr ``output`` is
+    a group with the arrays ``classes``, ``probabilities`` and ``uncertainty``.
+    ``scheduler`` (``"local"`` or a dask scheduler address) runs the tiles on a
+    dask cluster instead of this process. Returns the paths written.
+    """
+    output = Path(output)
+    targets = _targets(output, outputs)
+    image = as_channels_first(open_lazy(image_path), channel_axis)  # (C, Z, Y, X)
+    _check_compatible(classifier, image)
+    # The model's policy, resolved once for the whole image (per image: one pass
+    # over a subsample of its pixels), never per tile or chunk.
+    normalization = classifier.normalization.for_image(image)
+    tile = tile_for_memory(classifier, memory)
+    scratch = _scratch_path(output)
+    try:
+        store = _create_store(scratch, classifier, image.shape, tile, outputs)
+        if scheduler is None:
+            _predict_into(classifier, image, store, tile, progress, normalization)
+        else:
+            from napari_dsparse.cluster import predict_into_with_dask
+
+            predict_into_with_dask(
+                classifier, image, store, tile, scheduler, progress, normalization
+            )
+        spatial = image.shape[1:] if image.shape[1] > 1 else image.shape[2:]
+        if output.name.lower().endswith(".zarr"):
+            _finish_zarr(scratch, output)
+        else:
+            # The classes last: once they exist, every result is complete.
+            for name, target in reversed(targets.items()):
+                _write_tif_from(store[name], target, spatial, tile)
+    except OSError as error:
+        raise WriteError(os_error_message(output, error)) from error
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return list(targets.values())
+
+
+def _predict_into(
+    classifier: Classifier,
+    image: da.Array,
+    store,
+    tile: int,
+    progress: Progress | None,
+    normalization: Normalization | None = None,
+) -> None:
+    """Fill ``store`` tile by tile in this process (dask only reads the pixels).
+
+    ``normalization`` is the whole image's map (see :func:`predict_box`).
+    """
+    boxes = list(iter_tiles(image.shape[1:], tile))
+    with dask.config.set(scheduler="synchronous"):
+        for done, box in enumerate(boxes, start=1):
+            proba = predict_box(classifier, image, box, normalization)  # (K, h, w)
+            _store_tile(store, proba, box.z, (box.r0, box.r1), (box.c0, box.c1))
+            if progress is not None:
+                progress(done, len(boxes))
+
+
+def _store_tile(store, proba: np.ndarray, z: int, rows, cols) -> None:
+    """Write one tile's probabilities and what follows from them into ``store``."""
+    region = (z, slice(*rows), slice(*cols))
+    classes, unsure = labels_and_uncertainty(proba)
+    store["classes"][region] = classes
+    if "probabilities" in store:
+        store["probabilities"][(slice(None), *region)] = proba
+    if "uncertainty" in store:
+        store["uncertainty"][region] = unsure
+
+
+def _create_store(
+    path: Path,
+    classifier: Classifier,
+    shape: tuple[int, ...],
+    tile: int,
+    outputs: Outputs,
+):
+    """A zarr group with empty ``(Z, Y, X)`` arrays chunked like the tiles."""
+    import zarr
+
+    _, depth, height, width = shape
+    group = zarr.open_group(str(path), mode="w")
+    chunks = (1, min(tile, height), min(tile, width))
+    num_classes = classifier.num_classes
+    group.create_array(
+        "classes",
+        shape=(depth, height, width),
+        chunks=chunks,
+        dtype=np.uint8 if num_classes < 255 else np.uint16,
+    )
+    if outputs.probabilities:
+        group.create_array(
+            "probabilities",
+            shape=(num_classes, depth, height, width),
+            chunks=(num_classes, *chunks),
+            dtype=np.float32,
+        )
+    if outputs.uncertainty:
+        group.create_array(
+            "uncertainty", shape=(depth, height, width), chunks=chunks, dtype=np.float32
+        )
+    group.attrs.update(
+        class_names=list(classifier.class_names),
+        class_colors=[list(color) for color in classifier.colors()],
+    )
+    return group
+
+
+# -- writing the results ----------------------------------------------------------
+
+
+def _targets(output: Path, outputs: Outputs) -> dict[str, Path]:
+    """Output path of each result; checks the folder before any work is done."""
+    name = output.name.lower()
+    if not name.endswith(OUTPUT_SUFFIXES):
+        raise InputError(f"output {output} must end with {', '.join(OUTPUT_SUFFIXES)}")
+    folder = output.parent
+    if not folder.is_dir():
+        raise InputError(f"cannot write {output}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"cannot write {output}: folder {folder} is not writable")
+    if name.endswith(".zarr"):
+        return {"classes": output}
+    return {
+        kind: output
+        if kind == "classes"
+        else output.with_name(f"{output.stem}_{kind}{output.suffix}")
+        for kind in outputs.names()
+    }
+
+
+def _scratch_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}.part.zarr")
+
+
+def _write_tif_from(array, target: Path, spatial: tuple[int, ...], tile: int) -> None:
+    """Stream a ``([K,] Z, Y, X)`` zarr array into a tiled (Big)TIFF, atomically."""
+    leading = array.shape[:-3]  # (K,) for probabilities, () otherwise
+    shape = (*leading, *spatial)
+    tif_tile = next(t for t in (256, 128, 64, 32, 16) if tile % t == 0)
+    nbytes = int(np.prod(array.shape)) * array.dtype.itemsize
+    write_atomically(
+        target,
+        lambda temporary: tifffile.imwrite(
+            temporary,
+            data=_tif_tiles(array, tile, tif_tile),
+            shape=shape,
+            dtype=array.dtype,
+            tile=(tif_tile, tif_tile),
+            photometric="minisblack",
+            compression="zlib",
+            bigtiff=nbytes > 2**31,
+        ),
+    )
+
+
+def _tif_tiles(array, band: int, tif_tile: int) -> Iterator[np.ndarray]:
+    """TIFF tiles in file order (plane by plane, row-major), one band read at a time."""
+    height, width = array.shape[-2:]
+    for plane in np.ndindex(*array.shape[:-2]):
+        for r0 in range(0, height, band):
+            rows = np.asarray(array[(*plane, slice(r0, min(r0 + band, height)))])
+            for t0 in range(0, rows.shape[0], tif_tile):
+                for c0 in range(0, width, tif_tile):
+                    yield rows[t0 : t0 + tif_tile, c0 : c0 + tif_tile]
+
+
+def _finish_zarr(scratch: Path, output: Path) -> None:
+    """Rename the finished store to ``output``, replacing an older one."""
+    if output.exists():
+        old = output.with_name(f".{output.name}.old")
+        os.replace(output, old)
+        os.replace(scratch, output)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        os.replace(scratch, output)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, enabled: bool = True) -> Iterator[Progress]:
+    """A terminal progress bar (tqdm, on stderr) as a ``progress(done, total)``."""
+    if not enabled:
+        yield lambda _done, _total: None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=description, unit="tile", leave=False)
+    try:
+
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield update
+    finally:
+        bar.close()

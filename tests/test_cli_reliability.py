@@ -1,0 +1,71 @@
+"""The command line on bad input and unwritable outputs: one line, non-zero exit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_dsparse.cli import main
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def strokes(tmp_path):
+    labels = np.zeros((40, 40), np.uint8)
+    labels[2:4, 2:20], labels[30:33, 5:25] = 1, 2
+    np.save(tmp_path / "labels.npy", labels)
+    return tmp_path / "labels.npy"
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.full((40, 40), 9, np.uint16), "nothing to tell classes apart"),
+        (np.where(np.eye(40) > 0, np.inf, 0.5), "NaN or infinite"),
+    ],
+    ids=["constant", "infinite"],
+)
+def test_train_refuses_untrainable_images(capsys, tmp_path, strokes, image, message):
+    np.save(tmp_path / "image.npy", image)
+    code, err = _run(
+        capsys, "train", tmp_path / "image.npy", strokes, "-o", tmp_path / "m.pt"
+    )
+    assert code == 2 and message in err and "Traceback" not in err
+    assert err.count("\n") == 1 and not (tmp_path / "m.pt").exists()
+
+
+def test_train_to_an_unwritable_path_fails_in_one_line(capsys, tmp_path, strokes):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "image.npy", rng.normal(size=(40, 40)).astype(np.float32))
+    (tmp_path / "taken").mkdir()  # a folder where the model file should go
+    code, err = _run(
+        capsys,
+        *("train", tmp_path / "image.npy", strokes),
+        *("-o", tmp_path / "taken", "--steps", "2"),
+    )
+    assert code == 1 and "error:" in err and err.count("\n") == 1
+    assert list((tmp_path / "taken").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "image.npy",
+        "labels.npy",
+        "taken",
+    ]
+
+
+def test_a_time_series_with_a_channel_axis_trains(capsys, tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    series = rng.normal(size=(2, 3, 24, 24, 1)).astype(np.float32)  # T, Z, Y, X, C
+    labels = np.zeros((2, 3, 24, 24), np.uint8)  # T, Z, Y, X
+    labels[1, 1, 2:4, 2:20], labels[1, 1, 20:22, 3:20] = 1, 2
+    np.save(tmp_path / "series.npy", series)
+    np.save(tmp_path / "labels.npy", labels)
+    code, err = _run(
+        capsys,
+        *("train", tmp_path / "series.npy", tmp_path / "labels.npy"),
+        *("-o", tmp_path / "m.pt", "--steps", "2", "--channel-axis", "-1"),
+    )
+    assert code == 0, err

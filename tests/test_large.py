@@ -1,0 +1,263 @@
+"""Prediction at any size: lazy formats, memory-sized tiles, safe incremental writes."""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from napari_dsparse import large
+from napari_dsparse.data import InputError, as_channels_first
+from napari_dsparse.large import (
+    Outputs,
+    open_lazy,
+    parse_memory,
+    predict_file,
+    tile_for_memory,
+)
+from napari_dsparse.predict import labels_and_uncertainty, predict_proba
+
+SMALL_MEMORY = 4 * 2**20  # tiles of 32 x 32 for the fast preset: many tiles
+
+
+@pytest.fixture
+def picture(rng) -> np.ndarray:
+    """A (70, 90) uint16 image: large enough for several small tiles."""
+    rows, cols = np.mgrid[:70, :90]
+    disc = (rows - 35) ** 2 + (cols - 40) ** 2 < 20**2
+    return (rng.normal(1000, 150, (70, 90)) + 900 * disc).clip(0).astype(np.uint16)
+
+
+@pytest.fixture
+def classifier(make_classifier, picture):
+    return make_classifier(as_channels_first(picture), num_classes=3, seed=2)
+
+
+def _whole(classifier, image: np.ndarray):
+    """Classes, probabilities and uncertainty of one untiled pass (2D results)."""
+    proba = predict_proba(classifier, as_channels_first(image), tile=4096)
+    classes, unsure = labels_and_uncertainty(proba)
+    return classes[0], proba[:, 0], unsure[0]
+
+
+def _write_input(kind: str, image: np.ndarray, folder: Path) -> Path:
+    if kind == "tiled BigTIFF":
+        path = folder / "image.tif"
+        tifffile.imwrite(path, image, tile=(32, 32), bigtiff=True, compression="zlib")
+    elif kind == "striped TIFF":
+        path = folder / "image.tiff"
+        tifffile.imwrite(path, image, rowsperstrip=8)
+    elif kind == "npy":
+        path = folder / "image.npy"
+        np.save(path, image)
+    elif kind == "png":
+        path = folder / "image.png"
+        from skimage.io import imsave
+
+        imsave(path, image, check_contrast=False)
+    elif kind == "zarr":
+        path = folder / "image.zarr"
+        zarr.create_array(str(path), data=image, chunks=(16, 64))
+    else:  # OME-Zarr: a group whose multiscales metadata names level "0"
+        path = folder / "image.ome.zarr"
+        group = zarr.open_group(str(path), mode="w")
+        group.create_array("0", data=image, chunks=(32, 32))
+        group.create_array("1", data=image[::2, ::2], chunks=(32, 32))
+        group.attrs["multiscales"] = [
+            {"version": "0.4", "datasets": [{"path": "0"}, {"path": "1"}]}
+        ]
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind", ["tiled BigTIFF", "striped TIFF", "npy", "png", "zarr", "OME-Zarr"]
+)
+def test_many_tiles_equal_one_whole_pass(kind, picture, classifier, tmp_path) -> None:
+    image = (picture // 16).astype(np.uint8) if kind == "png" else picture
+    path = _write_input(kind, image, tmp_path)
+    written = predict_file(
+        classifier,
+        path,
+        tmp_path / "out.tif",
+        Outputs(probabilities=True, uncertainty=True),
+        memory=SMALL_MEMORY,
+    )
+    classes, proba, unsure = _whole(classifier, image)
+    assert [p.name for p in written] == [
+        "out.tif",
+        "out_probabilities.tif",
+        "out_uncertainty.tif",
+    ]
+    np.testing.assert_array_equal(tifffile.imread(written[0]), classes)
+    np.testing.assert_allclose(tifffile.imread(written[1]), proba, atol=1e-6)
+    np.testing.assert_allclose(tifffile.imread(written[2]), unsure, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_the_small_budget_really_makes_many_tiles(classifier, picture) -> None:
+    tile = tile_for_memory(classifier, SMALL_MEMORY)
+    assert tile % 16 == 0
+    assert np.ceil(70 / tile) * np.ceil(90 / tile) >= 4
+
+
+def test_tiles_grow_with_the_budget_and_fit_it(classifier) -> None:
+    small, default = (tile_for_memory(classifier, m) for m in (2**27, 2**30))
+    assert small < default <= large.MAX_TILE
+    window = default + 2 * classifier.halo
+    assert window**2 * large.activation_bytes_per_pixel(classifier) <= 2**30
+
+
+def test_zarr_output_and_a_3d_stack(classifier, rng, tmp_path) -> None:
+    stack = rng.integers(500, 3000, (3, 40, 50), dtype=np.uint16)
+    tifffile.imwrite(
+        tmp_path / "stack.tif", stack, tile=(16, 16), photometric="minisblack"
+    )
+    predict_file(
+        classifier,
+        tmp_path / "stack.tif",
+        tmp_path / "out.zarr",
+        Outputs(uncertainty=True),
+        memory=SMALL_MEMORY,
+    )
+    result = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    proba = predict_proba(classifier, as_channels_first(stack))
+    classes, unsure = labels_and_uncertainty(proba)
+    np.testing.assert_array_equal(result["classes"][:], classes)
+    np.testing.assert_allclose(result["uncertainty"][:], unsure, atol=1e-6)
+    assert result.attrs["class_names"] == list(classifier.class_names)
+    assert "probabilities" not in result
+
+
+def test_a_stack_as_tif_keeps_its_shape(classifier, rng, tmp_path) -> None:
+    stack = rng.integers(500, 3000, (2, 30, 40), dtype=np.uint16)
+    np.save(tmp_path / "stack.npy", stack)
+    [path] = predict_file(classifier, tmp_path / "stack.npy", tmp_path / "o.tif")
+    assert tifffile.imread(path).shape == (2, 30, 40)
+
+
+def test_an_existing_zarr_output_is_replaced(classifier, picture, tmp_path) -> None:
+    np.save(tmp_path / "a.npy", picture)
+    for _ in range(2):
+        predict_file(classifier, tmp_path / "a.npy", tmp_path / "out.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "out.zarr"]
+
+
+def test_interrupted_prediction_leaves_no_output(classifier, picture, tmp_path) -> None:
+    np.save(tmp_path / "a.npy", picture)
+
+    def interrupt(done: int, total: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    for output in ("out.tif", "out.zarr"):
+        with pytest.raises(KeyboardInterrupt):
+            predict_file(
+                classifier,
+                tmp_path / "a.npy",
+                tmp_path / output,
+                Outputs(probabilities=True),
+                memory=SMALL_MEMORY,
+                progress=interrupt,
+            )
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npy"]
+
+
+def test_a_full_disk_is_a_one_line_error(
+    classifier, picture, tmp_path, monkeypatch
+) -> None:
+    np.save(tmp_path / "a.npy", picture)
+
+    def full_disk(path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(large.tifffile, "imwrite", full_disk)
+    with pytest.raises(InputError, match="disk is full"):
+        predict_file(classifier, tmp_path / "a.npy", tmp_path / "out.tif")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npy"]
+
+
+def test_a_missing_output_folder_fails_before_any_work(
+    classifier, picture, tmp_path
+) -> None:
+    np.save(tmp_path / "a.npy", picture)
+    with pytest.raises(InputError, match="does not exist"):
+        predict_file(classifier, tmp_path / "a.npy", tmp_path / "no" / "out.tif")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_read_only_folder(classifier, picture, tmp_path) -> None:
+    np.save(tmp_path / "a.npy", picture)
+    (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(InputError, match="not writable"):
+        predict_file(classifier, tmp_path / "a.npy", tmp_path / "ro" / "out.tif")
+
+
+def test_channel_mismatch(classifier, rng, tmp_path) -> None:
+    np.save(tmp_path / "rgb.npy", rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
+    with pytest.raises(InputError, match="expects 1 channel"):
+        predict_file(classifier, tmp_path / "rgb.npy", tmp_path / "out.tif")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.tif", b"not a tiff at all", "cannot read"),
+        ("bad.npy", b"\x93NUMPY garbage", "cannot read"),
+        ("image.jpg", b"", "unsupported file type"),
+        ("missing.tif", None, "does not exist"),
+    ],
+)
+def test_unreadable_inputs(tmp_path, name, content, message) -> None:
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        open_lazy(tmp_path / name)
+
+
+def test_an_output_of_another_type(classifier, picture, tmp_path) -> None:
+    np.save(tmp_path / "a.npy", picture)
+    with pytest.raises(InputError, match="must end with"):
+        predict_file(classifier, tmp_path / "a.npy", tmp_path / "out.png")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1GB", 2**30), ("512M", 2**29), ("64 MiB", 2**26), ("2e9", 2 * 10**9)],
+)
+def test_parse_memory(text, expected) -> None:
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GB", "0"])
+def test_parse_memory_rejects(text) -> None:
+    with pytest.raises(InputError):
+        parse_memory(text)
+
+
+@pytest.mark.parametrize("kind", ["tiled BigTIFF", "npy", "zarr"])
+def test_per_image_normalisation_of_another_image_equals_predict_proba(
+    classifier, picture, tmp_path, kind
+) -> None:
+    """Another brightness and contrast: the file's own percentiles, once, all tiles."""
+    assert classifier.normalization.policy == "per_image"
+    brighter = (picture.astype(np.float32) * 3 + 5000).astype(np.uint16)
+    source = _write_input(kind, brighter, tmp_path)
+    outputs = Outputs(probabilities=True)
+    paths = predict_file(
+        classifier, source, tmp_path / "out.tif", outputs, memory=SMALL_MEMORY
+    )
+    assert tile_for_memory(classifier, SMALL_MEMORY) < picture.shape[0]  # tiled
+    classes, proba, _ = _whole(classifier, brighter)
+    np.testing.assert_allclose(tifffile.imread(paths[1]), proba, atol=1e-5)
+    np.testing.assert_array_equal(tifffile.imread(paths[0]), classes)
+    # the stored map (the training image's percentiles) gives other numbers
+    classifier.normalization = replace(classifier.normalization, policy="fixed")
+    _, fixed, _ = _whole(classifier, brighter)
+    assert np.abs(fixed - proba).max() > 1e-3
