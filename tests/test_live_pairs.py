@@ -6,6 +6,7 @@ import numpy as np
 
 from napari_dsparse.data import as_channels_first
 from napari_dsparse.live import LiveSession, Mailbox, PredictionUpdate, iter_live
+from napari_dsparse.predict import iter_tiles
 from napari_dsparse.train import TrainConfig
 
 CONFIG = TrainConfig(batch_size=2, crop_size=16)
@@ -93,3 +94,30 @@ def test_each_painted_time_point_of_a_series_is_trained_on(rng) -> None:
     units = session.trainer.training_set.painted_units
     assert [z for _, z in units] == [1, 3]
     assert all(pair.image is series for pair, _ in units)  # no copy of the image
+
+
+def test_new_pixels_of_the_view_replace_its_pair_and_its_normalisation(rng) -> None:
+    view, other = _image(rng, (40, 50)), _image(rng, (30, 70))
+    session, mailbox = LiveSession(view, ("a", "b"), config=CONFIG), Mailbox()
+    mailbox.post_labels(_strokes((40, 50)))
+    mailbox.post_pair("other", other, _strokes((30, 70)))
+    mailbox.post_pair("image", view, _strokes((40, 50)))  # the view is in the set
+    events = _round(session, mailbox)
+    trainer = session.trainer
+    before = session._view_normalization[1]
+    assert any(isinstance(e, PredictionUpdate) for e in events)
+
+    brighter = view * 4 + 100
+    assert session.replace_image(brighter)
+    assert session.trainer is trainer  # same model and optimiser
+    assert trainer.training_set["image"].image is brighter
+    assert session.pairs["image"][0] is brighter
+    np.testing.assert_array_equal(
+        trainer.training_set["image"].labels[0], _strokes((40, 50))
+    )
+    session.predict(next(iter_tiles(brighter.shape[1:], 16)))
+    assert session._view_normalization[1] != before  # the new pixels' own map
+
+    assert not session.replace_image(_image(rng, (20, 20)))  # another size
+    assert session.trainer is None and "image" not in session.pairs
+    assert "other" in session.pairs  # the rest of the set stays
