@@ -194,3 +194,14 @@ def test_predict_one_file_shows_its_tiles_progress(pairs, model, capsys) -> None
     assert code == 0 and "1 file(s): 1 predicted" in out
     assert "b.npy" in err and "tile" in err  # the per-file bar, no files bar
     assert "file/s" not in err and "predict:" not in err
+
+
+def test_predict_files_raises_the_first_failure_after_the_others(pairs, model) -> None:
+    from napari_dsparse.data import InputError
+    from napari_dsparse.workflows import predict_files
+
+    (pairs / "broken.tif").write_bytes(b"not a tiff")
+    with pytest.raises(InputError, match=r"broken\.tif"):
+        predict_files(model, [pairs / "broken.tif", pairs / "b.npy"], pairs / "out")
+    assert [p.name for p in (pairs / "out").iterdir()] == ["b.tif"]
+    assert predict_files(model, [pairs / "b.npy"], pairs / "b.tif") == [pairs / "b.tif"]

@@ -820,8 +820,12 @@ class DsparseWidget(Container):
     def _take_new_pixels(self, image: napari.layers.Image, multichannel: bool) -> None:
         """Give the session the layer's new pixels; keep the model when they fit."""
         if self._session.replace_image(image_array(image, multichannel)):
+            if image.name in self._pairs:  # its pair in the set: the new pixels
+                self._pair_arrays[image.name] = self._session.image
             show_info("Training goes on with the new pixels and the same model.")
         else:
+            if image.name in self._pairs:  # its scribbles no longer fit
+                self.remove_pair(image.name)
             show_warning("The new image has another size: the model starts afresh.")
         self._image_replaced = False
 

@@ -198,29 +198,26 @@ def predict_files(
 ) -> list[Path]:
     """Predict each image with the model; returns the class files written.
 
-    Images of any size are read lazily and predicted tile by tile within ``memory``
-    bytes (see :mod:`napari_dsparse.large`); ``scheduler`` (``"local"`` or an
-    address) runs the tiles on a dask cluster.
+    :func:`predict_many` without its summary: ``InputError`` (the first file's
+    reason) if any image failed, after the others were predicted.
     """
-    classifier = load_classifier(model_path, _device(device))
-    targets = _output_paths(image_paths, Path(output))
-    outputs = Outputs(probabilities=probabilities, uncertainty=uncertainty)
-    written = []
-    for image_path, classes_path in zip(image_paths, targets, strict=True):
-        with progress_bar(Path(image_path).name, show_progress) as progress:
-            paths = predict_file(
-                classifier,
-                image_path,
-                classes_path,
-                outputs,
-                memory=memory,
-                channel_axis=channel_axis,
-                progress=progress,
-                scheduler=scheduler,
-            )
-        written.append(paths[0])
-        report(f"{image_path} -> {classes_path}")
-    return written
+    summary = predict_many(
+        model_path,
+        image_paths,
+        output,
+        probabilities=probabilities,
+        uncertainty=uncertainty,
+        device=device,
+        channel_axis=channel_axis,
+        progress=show_progress,
+        memory=memory,
+        scheduler=scheduler,
+    )
+    for path in summary.written:
+        report(f"wrote {path}")
+    if summary.failed:
+        raise InputError(summary.failed[0][1])
+    return summary.written
 
 
 def _output_paths(images: Sequence[str | Path], output: Path) -> list[Path]:
