@@ -12,8 +12,14 @@ Then correction rounds: each method gets strokes where *its own* prediction is w
 (same random stream for both), our model warm-starts for a few seconds per round,
 the forest refits (features cached). Prints a markdown table of mean IoU.
 
-    .venv/bin/python benchmarks/bench_quality.py            # about 10 minutes
-    .venv/bin/python benchmarks/bench_quality.py --quick    # about 2 minutes
+The ``multi-image`` task (``tasks.textures_two_scales``) trains on scribbles of
+image A alone, then of A and B together (B shows the classes at another scale), and
+scores the held-out image C, which needs both: mean IoU on C for ours at each
+checkpoint and for the forest fitted on the same painted pixels.
+
+    .venv/bin/python benchmarks/bench_quality.py            # about 12 minutes
+    .venv/bin/python benchmarks/bench_quality.py --quick    # about 3 minutes
+    .venv/bin/python benchmarks/bench_quality.py --tasks multi-image   # alone
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ from napari_dsparse.model import Classifier
 from napari_dsparse.predict import labels_and_uncertainty, predict_proba
 from napari_dsparse.scribbles import correction_strokes, initial_strokes
 from napari_dsparse.train import TrainConfig, Trainer, iter_train
-from tasks import TASKS, Task, make_task
+from napari_dsparse.training_set import TrainingSet
+from tasks import TASKS, Task, make_task, textures_two_scales
 
 TORCH_THREADS = 2  # the target machine: 2 CPU cores (RF: n_jobs=-1)
 STROKES_PER_CLASS = 4
+MULTI_IMAGE = "multi-image"  # the task trained on several images (run_multi_image)
 CORRECTION_STROKES = 4
 
 
@@ -196,6 +204,111 @@ def run_task(name: str, settings: Settings) -> Result:
     return result
 
 
+@dataclass
+class MultiResult:
+    """Mean IoU on the held-out image, trained on the first ``images`` images."""
+
+    images: str  # e.g. "A" or "A + B"
+    painted: int  # painted pixels over the training images
+    ours: list[float] = field(default_factory=list)  # at each checkpoint
+    forest: float = 0.0
+    forest_seconds: float = 0.0  # fit + predict of the held-out image
+    steps_per_second: float = 0.0
+
+
+def run_multi_image(settings: Settings) -> list[MultiResult]:
+    """Train on A, then on A + B; score the held-out C (see the module docstring)."""
+    *training, held_out = textures_two_scales()
+    rng = np.random.default_rng(settings.seed)
+    labels = [
+        initial_strokes(task.truth, rng, strokes_per_class=STROKES_PER_CLASS)
+        for task in training
+    ]
+    forests = [Forest(task, settings.seed) for task in (*training, held_out)]
+    results = []
+    for count in range(1, len(training) + 1):
+        tasks, painted = training[:count], labels[:count]
+        result = MultiResult(
+            " + ".join(t.name.split(":")[0] for t in tasks),
+            int(sum((p > 0).sum() for p in painted)),
+        )
+        prediction, result.forest_seconds = _forest_on_pairs(
+            forests[:count], painted, forests[-1]
+        )
+        result.forest = mean_iou(held_out.truth, prediction)
+        _ours_on_pairs(tasks, painted, held_out, settings, result)
+        results.append(result)
+    return results
+
+
+def _forest_on_pairs(
+    forests: list[Forest], labels: list[np.ndarray], held_out: Forest
+) -> tuple[np.ndarray, float]:
+    """The forest fitted on every painted pixel of the pairs, applied to held_out."""
+    tick = time.perf_counter()
+    features = np.concatenate(
+        [f.features[p > 0] for f, p in zip(forests, labels, strict=True)]
+    )
+    targets = np.concatenate([p[p > 0] for p in labels])
+    forest = RandomForestClassifier(
+        n_estimators=50, max_depth=10, n_jobs=-1, random_state=held_out.seed
+    )
+    forest.fit(features, targets)
+    flat = held_out.features.reshape(-1, held_out.features.shape[-1])
+    prediction = forest.predict(flat).reshape(held_out.features.shape[:-1])
+    return prediction, time.perf_counter() - tick
+
+
+def _ours_on_pairs(
+    tasks: list[Task],
+    labels: list[np.ndarray],
+    held_out: Task,
+    settings: Settings,
+    result: MultiResult,
+) -> None:
+    """Train on every pair (per-image normalisation), score held_out at checkpoints."""
+    images = [as_channels_first(t.image, t.channel_axis) for t in tasks]
+    classifier = Classifier.create(
+        images[0].shape[0],
+        held_out.class_names,
+        Normalization.from_images(images),  # per image: the default policy
+        preset=settings.preset,
+        seed=settings.seed,
+    )
+    training_set = TrainingSet(classifier.normalization, classifier.num_classes)
+    for task, image, painted in zip(tasks, images, labels, strict=True):
+        training_set.add(task.name, image, painted)
+    trainer = Trainer.from_set(
+        classifier, training_set, TrainConfig(seed=settings.seed)
+    )
+    steps, train_seconds, done = iter_train(trainer), 0.0, 0
+    target = as_channels_first(held_out.image, held_out.channel_axis)
+    for seconds in settings.checkpoints:
+        while train_seconds < seconds:
+            tick = time.perf_counter()
+            next(steps)
+            train_seconds += time.perf_counter() - tick
+            done += 1
+        classes, _ = labels_and_uncertainty(predict_proba(classifier, target))
+        result.ours.append(mean_iou(held_out.truth, classes[0]))
+    result.steps_per_second = done / train_seconds
+
+
+def format_multi_table(results: list[MultiResult], settings: Settings) -> str:
+    """Mean IoU on the held-out image C for each set of training images."""
+    checkpoints = [f"ours {s:g} s" for s in settings.checkpoints]
+    header = ["trained on", "painted px", *checkpoints, "RF", "RF fit+predict s"]
+    header += ["steps/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in results:
+        cells = [r.images, str(r.painted)]
+        cells += [_mark(iou, r.forest) for iou in r.ours]
+        cells += [f"{r.forest:.3f}", f"{r.forest_seconds:.1f}"]
+        cells += [f"{r.steps_per_second:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _mark(ours: float, forest: float) -> str:
     """Bold when ours is at least the forest's."""
     return f"**{ours:.3f}**" if ours >= forest else f"{ours:.3f}"
@@ -229,7 +342,13 @@ def format_table(results: list[Result], settings: Settings) -> str:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (~2 min)")
-    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None)
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=[*TASKS, MULTI_IMAGE],
+        default=None,
+        help=f"default: all; {MULTI_IMAGE}: train on images A (+ B), score C",
+    )
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="correction rounds")
@@ -258,10 +377,13 @@ def main(argv: list[str] | None = None) -> None:
     args, settings = parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = load_average()
-    results = []
-    for name in args.tasks or list(TASKS):
+    results, multi = [], []
+    for name in args.tasks or [*TASKS, MULTI_IMAGE]:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results.append(run_task(name, settings))
+        if name == MULTI_IMAGE:
+            multi = run_multi_image(settings)
+        else:
+            results.append(run_task(name, settings))
     print(
         f"torch {torch.__version__}, {args.threads} threads, preset "
         f"{settings.preset}, seed {settings.seed}; corrections: "
@@ -269,7 +391,14 @@ def main(argv: list[str] | None = None) -> None:
         f"{settings.round_seconds:g} s per round, RF refits; 1-min load average "
         f"{load_before} before, {load_average()} after\n"
     )
-    print(format_table(results, settings))
+    if results:
+        print(format_table(results, settings))
+    if multi:
+        print(
+            f"\n{MULTI_IMAGE}: mean IoU on the held-out image C (textures at scales "
+            "1 and 2); A shows scale 1, B scale 2; same strokes for both methods\n"
+        )
+        print(format_multi_table(multi, settings))
 
 
 if __name__ == "__main__":

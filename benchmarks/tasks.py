@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage import color, data, filters, morphology, segmentation, util
+from skimage import color, data, filters, morphology, segmentation, transform, util
 
-__all__ = ["TASKS", "Task", "make_task"]
+__all__ = ["TASKS", "Task", "make_task", "textures_two_scales"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,45 @@ TASKS: dict[str, Callable[[], Task]] = {
     "membranes": membranes,
     "ihc-rgb": ihc,
 }
+
+
+def textures_two_scales() -> tuple[Task, Task, Task]:
+    """Three texture mosaics: training images A and B, held-out image C.
+
+    The classes are grass, gravel and brick as in ``textures``, but A shows them at
+    their own scale and B zoomed 2x; the held-out C shows the left half at scale 1
+    and the right half at scale 2. Scribbles on A alone never show the zoomed
+    textures, so a model needs both A and B to do well on C. Sizes differ (A
+    384 x 448, B 320 x 512, C 448 x 448); every mosaic has its own regions and takes
+    its textures from other parts of the source images.
+    """
+    sources = [_standardise(getattr(data, name)()) for name in ("grass", "gravel")]
+    sources.append(_standardise(data.brick()))
+    zoomed = [transform.rescale(source, 2, order=1) for source in sources]
+    names = ("grass", "gravel", "brick")
+
+    def mosaic(shape, seed, offset, scale_of_column):
+        rng = np.random.default_rng(seed)
+        fields = filters.gaussian(rng.normal(size=(3, *shape)), sigma=(0, 32, 32))
+        truth = fields.argmax(axis=0).astype(np.int32) + 1
+        r0, c0 = offset  # of the zoomed textures; clipped for the 512 x 512 ones
+        window = (slice(r0, r0 + shape[0]), slice(c0, c0 + shape[1]))
+        r0, c0 = min(r0, 512 - shape[0]), min(c0, 512 - shape[1])
+        small_window = (slice(r0, r0 + shape[0]), slice(c0, c0 + shape[1]))
+        small = np.choose(truth - 1, [source[small_window] for source in sources])
+        large = np.choose(truth - 1, [source[window] for source in zoomed])
+        columns = np.arange(shape[1])[None, :].repeat(shape[0], 0)
+        image = np.where(scale_of_column(columns) == 2, large, small)
+        return _to_uint8(image), truth
+
+    image_a, truth_a = mosaic((384, 448), 10, (0, 64), lambda c: np.ones_like(c))
+    image_b, truth_b = mosaic((320, 512), 11, (400, 300), lambda c: 2 + 0 * c)
+    image_c, truth_c = mosaic((448, 448), 12, (64, 0), lambda c: 1 + (c >= 224))
+    return (
+        Task("A: scale 1", image_a, truth_a, names, None, "textures at scale 1"),
+        Task("B: scale 2", image_b, truth_b, names, None, "textures zoomed 2x"),
+        Task("C: both", image_c, truth_c, names, None, "held out: half each"),
+    )
 
 
 def make_task(name: str) -> Task:

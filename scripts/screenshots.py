@@ -2,8 +2,10 @@
 
     xvfb-run -a -s "-screen 0 1400x900x24" .venv/bin/python scripts/screenshots.py
 
-Writes docs/images/live-2d.png, live-rgb.png and live-3d.png: the viewer with the
-widget docked after a few seconds of live training on each kind of image.
+Writes docs/images/live-2d.png, live-rgb.png, live-3d.png and training-set.png: the
+viewer with the widget docked after a few seconds of live training on each kind of
+image, and on a training set of two images. Optional arguments: the seconds, then
+the names of the shots to take (default: all), e.g. ``20 training-set``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from qtpy.QtWidgets import QApplication
 from skimage import data, filters
 
 from napari_dsparse._demo import PLUGIN, WIDGET, open_demo_viewer
+from napari_dsparse.samples import coins_sample
 from napari_dsparse.scribbles import initial_strokes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,9 +85,33 @@ def shot_3d(seconds: float) -> None:
     train_and_grab(viewer, widget, "live-3d.png", seconds)
 
 
+def shot_training_set(seconds: float) -> None:
+    """Two parts of the coins image, of different sizes, in one training set."""
+    image, labels = coins_sample()
+    viewer = new_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    parts = {"coins top": slice(0, 170), "coins bottom": slice(150, None)}
+    for name, rows in parts.items():
+        layer = viewer.add_image(image[rows], name=name)
+        scribbles = viewer.add_labels(labels[rows], name=f"{name} scribbles")
+        widget.reset_choices()
+        widget.add_pair(layer, scribbles)
+    viewer.layers["coins top"].visible = False
+    viewer.layers["coins top scribbles"].visible = False
+    widget.image_picker.value = viewer.layers["coins bottom"]
+    widget.scribble_picker.value = viewer.layers["coins bottom scribbles"]
+    train_and_grab(viewer, widget, "training-set.png", seconds)
+
+
+SHOTS = {
+    "2d": shot_2d,
+    "rgb": shot_rgb,
+    "3d": shot_3d,
+    "training-set": shot_training_set,
+}
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 20.0
-    shot_2d(seconds)
-    shot_rgb(seconds)
-    shot_3d(seconds)
+    for name in sys.argv[2:] or list(SHOTS):  # e.g. `screenshots.py 20 training-set`
+        SHOTS[name](seconds)

@@ -74,3 +74,24 @@ def test_an_unreachable_scheduler(classifier, image, tmp_path, monkeypatch) -> N
             scheduler="tcp://127.0.0.1:9",
         )
     assert [p.name for p in tmp_path.iterdir()] == ["image.npy"]
+
+
+def test_per_image_normalisation_is_resolved_once_for_every_chunk(
+    classifier, image, tmp_path
+) -> None:
+    """Chunks of a brighter image all use the whole image's percentiles."""
+    assert classifier.normalization.policy == "per_image"
+    brighter = as_channels_first(image.astype(np.float32) * 2 + 3000)
+    lazy = da.from_array(brighter, chunks=(1, 1, 20, 20))
+    result = predict_dask(classifier, lazy, 32).compute(scheduler="sync")
+    np.testing.assert_allclose(result, predict_proba(classifier, brighter), atol=1e-6)
+    tifffile.imwrite(tmp_path / "bright.tif", brighter[0, 0], tile=(16, 16))
+    [classes] = predict_file(
+        classifier,
+        tmp_path / "bright.tif",
+        tmp_path / "out.tif",
+        memory=4 * 2**20,
+        scheduler="local",
+    )
+    expected = predict_proba(classifier, brighter).argmax(0)[0] + 1
+    np.testing.assert_array_equal(tifffile.imread(classes), expected)

@@ -161,10 +161,10 @@ def test_out_of_memory_in_prediction_uses_smaller_exact_tiles(rng, monkeypatch) 
     expected = session.predict(box)
     original = faults.predict_box
 
-    def small_tiles_only(classifier, image, part):
+    def small_tiles_only(classifier, image, part, normalization=None):
         if (part.r1 - part.r0) * (part.c1 - part.c0) > 25 * 25:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return original(classifier, image, part)
+        return original(classifier, image, part, normalization)
 
     monkeypatch.setattr(faults, "predict_box", small_tiles_only)
     update = session.predict(box)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -238,3 +239,25 @@ def test_parse_memory(text, expected) -> None:
 def test_parse_memory_rejects(text) -> None:
     with pytest.raises(InputError):
         parse_memory(text)
+
+
+@pytest.mark.parametrize("kind", ["tiled BigTIFF", "npy", "zarr"])
+def test_per_image_normalisation_of_another_image_equals_predict_proba(
+    classifier, picture, tmp_path, kind
+) -> None:
+    """Another brightness and contrast: the file's own percentiles, once, all tiles."""
+    assert classifier.normalization.policy == "per_image"
+    brighter = (picture.astype(np.float32) * 3 + 5000).astype(np.uint16)
+    source = _write_input(kind, brighter, tmp_path)
+    outputs = Outputs(probabilities=True)
+    paths = predict_file(
+        classifier, source, tmp_path / "out.tif", outputs, memory=SMALL_MEMORY
+    )
+    assert tile_for_memory(classifier, SMALL_MEMORY) < picture.shape[0]  # tiled
+    classes, proba, _ = _whole(classifier, brighter)
+    np.testing.assert_allclose(tifffile.imread(paths[1]), proba, atol=1e-5)
+    np.testing.assert_array_equal(tifffile.imread(paths[0]), classes)
+    # the stored map (the training image's percentiles) gives other numbers
+    classifier.normalization = replace(classifier.normalization, policy="fixed")
+    _, fixed, _ = _whole(classifier, brighter)
+    assert np.abs(fixed - proba).max() > 1e-3

@@ -118,9 +118,49 @@ def test_saving_is_atomic(rng, tmp_path, monkeypatch) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(session_module.torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(InputError, match="disk is full"):
         save_session(path, session, labels)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.pt"]
     with pytest.raises(InputError, match="does not exist"):
         save_session(tmp_path / "no" / "s.pt", session, labels)
+
+
+def test_a_training_set_is_saved_by_name_and_scribbles_and_restored(
+    rng, tmp_path
+) -> None:
+    from napari_dsparse.session import missing_pairs
+
+    view = rng.normal(size=(1, 1, 40, 50)).astype(np.float32)
+    other = rng.normal(size=(1, 1, 30, 60)).astype(np.float32)
+    view_labels = np.zeros((40, 50), np.uint8)
+    view_labels[2:4, 2:20] = 1
+    other_labels = np.zeros((30, 60), np.uint8)
+    other_labels[3:5, 3:30], other_labels[20:23, 30:50] = 1, 2
+    session = LiveSession(view, ("bg", "fg"), config=TrainConfig(seed=3), name="v")
+    mailbox = Mailbox()
+    mailbox.post_labels(view_labels)
+    mailbox.post_pair("other", other, other_labels)
+    mailbox.post_pair("v", view, view_labels)  # the view is one of the set too
+    list(iter_live(session, mailbox, round_seconds=0.1, rounds=1))
+    assert sorted(session.trainer.training_set.names) == ["other", "v"]
+    path = save_session(tmp_path / "s.pt", session, view_labels)
+    continued = [session.trainer.step()[0] for _ in range(3)]
+
+    saved = load_session(path)
+    assert saved.name == "v" and saved.in_set
+    [pair] = saved.pairs
+    assert (pair.name, pair.image_shape) == ("other", (1, 1, 30, 60))
+    np.testing.assert_array_equal(pair.scribbles, other_labels[None])
+    assert missing_pairs(saved, {}) == ["other"]
+    assert missing_pairs(saved, {"other": other[:, :, :20]}) == ["other"]  # shape
+
+    restored = restore_session(saved, view.copy(), pair_images={"other": other})
+    assert sorted(restored.trainer.training_set.names) == ["other", "v"]
+    assert "v" in restored.pairs and "other" in restored.pairs
+    resumed = [restored.trainer.step()[0] for _ in range(3)]
+    assert resumed == continued  # the same set, moments, sampler and weights
+
+    alone = restore_session(load_session(path), view.copy())  # other not open
+    assert alone.trainer is None  # one class in view: waits for more strokes
+    assert alone.classifier is not None and "v" in alone.pairs

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_dsparse.data import InputError, read_window
+from napari_dsparse.data import InputError, Normalization, read_window
 from napari_dsparse.predict import predict_proba
 from napari_dsparse.train import (
     TrainConfig,
@@ -63,8 +63,10 @@ def test_pixels_outside_every_painted_patch_do_not_change_a_step(
     changed[..., 30:, 30:] = rng.integers(0, 3000, changed[..., 30:, 30:].shape)
     after = []
     for image in (gray_image, changed):
-        classifier = make_classifier(gray_image)  # same normalisation for both
-        classifier.fit_feature_scale(gray_image)  # and the same feature scale
+        classifier = make_classifier(gray_image)
+        # one fixed normalisation for both images (per-image would differ)
+        classifier.normalization = Normalization.from_image(gray_image, policy="fixed")
+        classifier.fit_feature_scale(gray_image)  # and one feature scale
         trainer = Trainer(classifier, image, labels, WHOLE)
         trainer.step()
         after.append(_parameters(trainer))

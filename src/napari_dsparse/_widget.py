@@ -53,7 +53,9 @@ from napari_dsparse.predict import (
 from napari_dsparse.samples import CLASS_NAMES
 from napari_dsparse.session import (
     SESSION_SUFFIX,
+    SavedSession,
     load_session,
+    missing_pairs,
     restore_session,
     save_session,
 )
@@ -63,6 +65,7 @@ UPDATE_ONCE_SECONDS = 2.0
 MAX_CHANNELS = 16  # a 3D layer with at most this many planes may be channels
 REFRESH_MS = 100  # the most often the output layers are redrawn
 PREDICTION_SUFFIX = " prediction"
+EMPTY_SET_TEXT = "training set: the image above only"
 UNCERTAINTY_SUFFIX = " uncertainty"
 AUTOSAVE_PATH = Path.home() / ".napari-dsparse" / f"autosave{SESSION_SUFFIX}"
 
@@ -151,6 +154,9 @@ class DsparseWidget(Container):
         self._mailbox = Mailbox()
         self._worker: GeneratorWorker | None = None
         self._watched: napari.layers.Labels | None = None
+        # the training set: image name -> (image layer, scribble layer, its array)
+        self._pairs: dict[str, tuple[napari.layers.Image, napari.layers.Labels]] = {}
+        self._pair_arrays: dict[str, np.ndarray] = {}
         self._watched_image: napari.layers.Image | None = None
         self._image_replaced = False  # the session image's data changed since
         self.session_path: Path | None = None  # where Save session wrote last
@@ -193,6 +199,10 @@ class DsparseWidget(Container):
             label="autosave (min)", value=0, min=0, max=120, tooltip="0: off"
         )
         self.status = Label(value="Paint a few strokes per class, then Train.")
+        self.add_pair_button = PushButton(text="Add image + scribbles to training set")
+        self.pair_list = Container(labels=False)
+        self.pair_list.margins = (0, 0, 0, 0)
+        self.pair_header = Label(value=EMPTY_SET_TEXT)
 
     def _controls(self) -> list:
         return [
@@ -200,6 +210,9 @@ class DsparseWidget(Container):
             self.scribble_picker,
             self.add_scribbles_button,
             self.class_names,
+            self.add_pair_button,
+            self.pair_header,
+            self.pair_list,
             self.preset,
             self.device,
             self.learning_rate,
@@ -227,6 +240,7 @@ class DsparseWidget(Container):
 
     def _connect(self) -> None:
         self.add_scribbles_button.changed.connect(self._add_scribble_layer)
+        self.add_pair_button.changed.connect(self._add_current_pair)
         self.train_button.changed.connect(self._toggle_training)
         self.update_button.changed.connect(self._update_once)
         self.reset_button.changed.connect(self._reset_model)
@@ -307,6 +321,18 @@ class DsparseWidget(Container):
             )
         if self._image_replaced and self._session_image is image and self._session:
             self._take_new_pixels(image, multichannel)
+        if (
+            self._session is not None
+            and self._session_image is not image
+            and self._pairs
+            and image_array(image, multichannel).shape[0]
+            == self._session.image.shape[0]
+        ):  # another image in view: same model, same training set
+            self._multichannel = multichannel
+            self._session = self._session.for_image(
+                image.name, image_array(image, multichannel)
+            )
+            self._session_image = image
         if self._session is None or self._session_image is not image:
             self._multichannel = multichannel
             self._session = LiveSession(
@@ -315,6 +341,7 @@ class DsparseWidget(Container):
                 preset=self.preset.value,
                 config=TrainConfig(learning_rate=self.learning_rate.value),
                 device=self.device.value,
+                name=image.name,
             )
             self._session_image = image
         return self._session
@@ -342,6 +369,7 @@ class DsparseWidget(Container):
         if pick_device(session.device).type == "cpu":
             torch.set_num_threads(cpu_threads_for_live_training())
         self._watch(self.scribble_picker.value)
+        self._post_pairs()
         self._watch_image(self._session_image)
         self._post_labels()
         self._post_view()
@@ -434,6 +462,106 @@ class DsparseWidget(Container):
             self._mailbox.post_labels(
                 labels if labels.ndim <= 3 else labels.reshape(-1, *labels.shape[-2:])
             )
+            for name, (_image, scribbles) in self._pairs.items():
+                if scribbles is self._watched:
+                    self._show_pair_counts(name)
+
+    # -- training set -------------------------------------------------------------
+
+    def _add_current_pair(self) -> None:
+        image, scribbles = self.image_picker.value, self.scribble_picker.value
+        try:
+            self.add_pair(image, scribbles)
+        except InputError as error:
+            show_error(str(error))
+
+    def add_pair(
+        self, image: napari.layers.Image, scribbles: napari.layers.Labels
+    ) -> None:
+        """Train on ``image`` and its ``scribbles`` too (``InputError`` if unfit).
+
+        Every slice or time point of a stack with strokes counts as one pair of the
+        set; the image is not copied.
+        """
+        if image is None or scribbles is None:
+            raise InputError("pick an image and a scribble layer first")
+        multichannel = _is_multichannel(image, scribbles)
+        if tuple(scribbles.data.shape) != _spatial_shape(image, multichannel):
+            raise InputError(
+                f"the scribble layer's shape {scribbles.data.shape} differs from "
+                f"the image's {_spatial_shape(image)}"
+            )
+        array = image_array(image, multichannel)
+        others = {a.shape[0] for n, a in self._pair_arrays.items() if n != image.name}
+        if self._session is not None and self._session.classifier is not None:
+            others.add(self._session.classifier.in_channels)
+        if others and array.shape[0] not in others:
+            raise InputError(
+                f"{image.name!r} has {array.shape[0]} channel(s) but the training "
+                f"set's images have {others.pop()}: channels must agree"
+            )
+        self._pairs[image.name] = (image, scribbles)
+        self._pair_arrays[image.name] = array
+        self._mailbox.post_pair(image.name, array, scribbles.data)
+        self._show_pairs()
+
+    def remove_pair(self, name: str) -> None:
+        """Stop training on the pair of the image ``name``."""
+        self._pairs.pop(name, None)
+        self._pair_arrays.pop(name, None)
+        self._mailbox.post_pair_removal(name)
+        self._show_pairs()
+
+    def _post_pairs(self) -> None:
+        for name, (_image, scribbles) in self._pairs.items():
+            self._mailbox.post_pair(name, self._pair_arrays[name], scribbles.data)
+
+    def pair_rows(self) -> list[str]:
+        """The text of each row of the training set list, in order."""
+        return [row[0].value for row in self.pair_list]
+
+    def _show_pairs(self) -> None:
+        self.pair_list.clear()
+        for name in self._pairs:
+            remove = PushButton(text="Remove")
+            remove.changed.connect(partial(self._on_remove_clicked, name))
+            row = Container(
+                widgets=[Label(value=self._pair_text(name)), remove],
+                layout="horizontal",
+                labels=False,
+            )
+            row.name = name
+            row.margins = (0, 0, 0, 0)
+            self.pair_list.append(row)
+        self.pair_header.value = (
+            f"training set: {len(self._pairs)} image(s)"
+            if self._pairs
+            else EMPTY_SET_TEXT
+        )
+
+    def _on_remove_clicked(self, name: str, *_args) -> None:
+        self.remove_pair(name)
+
+    def _show_pair_counts(self, name: str) -> None:
+        for row in self.pair_list:
+            if row.name == name:
+                row[0].value = self._pair_text(name)
+
+    def _pair_text(self, name: str) -> str:
+        """``name: class a 120, class b 45`` (and the painted slices of a stack)."""
+        _image, scribbles = self._pairs[name]
+        labels = np.asarray(scribbles.data)
+        counts = np.bincount(labels.ravel(), minlength=len(self.names()) + 1)[1:]
+        names = list(self.names()) + [
+            f"class {k}" for k in range(len(self.names()) + 1, len(counts) + 1)
+        ]
+        text = f"{name}: " + ", ".join(
+            f"{label} {count}" for label, count in zip(names, counts, strict=False)
+        )
+        if labels.ndim == 3:
+            painted = int(labels.reshape(labels.shape[0], -1).any(1).sum())
+            text += f" ({painted} of {labels.shape[0]} slices)"
+        return text
 
     def _post_view(self, *_event) -> None:
         image = self.image_picker.value
@@ -513,7 +641,9 @@ class DsparseWidget(Container):
         if self.training:
             self.stop("Paused: the image or scribble layer changed.")
             show_info("The image or scribble layer changed: press Train to continue.")
-        if self.image_picker.value is not self._session_image:
+        if self.image_picker.value is not self._session_image and not (
+            self._pairs and self._session is not None
+        ):  # with a training set the model stays (see _ensure_session)
             self._drop_session()
 
     def _on_network_changed(self, *_args) -> None:
@@ -527,6 +657,9 @@ class DsparseWidget(Container):
 
     def _on_layer_removed(self, event) -> None:
         layer = event.value
+        for name, pair in list(self._pairs.items()):
+            if layer in pair:
+                self.remove_pair(name)
         if layer is self._session_image or layer is self._watched:
             self.stop(f"Stopped: layer {layer.name!r} was removed.")
             show_info(f"Training stopped: layer {layer.name!r} was removed.")
@@ -687,8 +820,12 @@ class DsparseWidget(Container):
     def _take_new_pixels(self, image: napari.layers.Image, multichannel: bool) -> None:
         """Give the session the layer's new pixels; keep the model when they fit."""
         if self._session.replace_image(image_array(image, multichannel)):
+            if image.name in self._pairs:  # its pair in the set: the new pixels
+                self._pair_arrays[image.name] = self._session.image
             show_info("Training goes on with the new pixels and the same model.")
         else:
+            if image.name in self._pairs:  # its scribbles no longer fit
+                self.remove_pair(image.name)
             show_warning("The new image has another size: the model starts afresh.")
         self._image_replaced = False
 
@@ -708,8 +845,17 @@ class DsparseWidget(Container):
             session = self._ensure_session()
             session.class_names = self.names()
             checkpoint = session.last_good if self.training else None
+            pairs = {
+                name: (self._pair_arrays[name].shape, np.asarray(layer.data))
+                for name, (_image, layer) in self._pairs.items()
+            }
             save_session(
-                path, session, scribbles.data, self.session_settings(), checkpoint
+                path,
+                session,
+                scribbles.data,
+                self.session_settings(),
+                checkpoint,
+                pairs,
             )
         except (InputError, OSError) as error:
             show_error(f"Saving the session failed: {error}")
@@ -728,8 +874,14 @@ class DsparseWidget(Container):
         try:
             saved = load_session(path)
             multichannel = _channels_first_for(image, saved.scribbles.shape)
+            pair_layers = self._pair_layers(saved)
+            pair_images = {name: array for name, (_layer, array) in pair_layers.items()}
             restored = restore_session(
-                saved, image_array(image, multichannel), self.device.value
+                saved,
+                image_array(image, multichannel),
+                self.device.value,
+                pair_images,
+                name=image.name,
             )
         except InputError as error:
             show_error(f"Restoring the session failed: {error}")
@@ -750,9 +902,59 @@ class DsparseWidget(Container):
         self.scribble_picker.value = layer
         self._session, self._session_image = restored, image
         self._multichannel, self._image_replaced = multichannel, False
+        self._restore_pairs(saved, image, layer, pair_layers)
         steps = restored.trainer.steps_done if restored.trainer else 0
         self.status.value = f"Restored {Path(path).name} at step {steps}."
         return True
+
+    def _pair_layers(
+        self, saved: SavedSession
+    ) -> dict[str, tuple[napari.layers.Image, np.ndarray]]:
+        """The open image layers of the saved training set's other pairs, by name."""
+        found = {}
+        for pair in saved.pairs:
+            layer = next(
+                (each for each in self._viewer.layers if each.name == pair.name), None
+            )
+            if isinstance(layer, napari.layers.Image):
+                multichannel = _channels_first_for(layer, pair.scribbles.shape)
+                found[pair.name] = (layer, image_array(layer, multichannel))
+        return found
+
+    def _restore_pairs(
+        self,
+        saved: SavedSession,
+        image: napari.layers.Image,
+        scribbles: napari.layers.Labels,
+        pair_layers: dict[str, tuple[napari.layers.Image, np.ndarray]],
+    ) -> None:
+        """The restored training set in the list, each pair's scribbles a new layer."""
+        self._pairs.clear()
+        self._pair_arrays.clear()
+        self._mailbox.take_pair_changes()  # the old set's, not applied
+        arrays = {name: array for name, (_layer, array) in pair_layers.items()}
+        if saved.in_set:
+            self._pairs[image.name] = (image, scribbles)
+            self._pair_arrays[image.name] = self._session.image
+        for pair in saved.pairs:
+            if pair.name in missing_pairs(saved, arrays):
+                continue
+            layer, array = pair_layers[pair.name]
+            labels = self._viewer.add_labels(
+                pair.scribbles,
+                name=f"{pair.name} scribbles (restored)",
+                metadata={"class_names": list(saved.class_names)},
+                **_layer_geometry(layer, pair.scribbles.ndim),
+            )
+            self._pairs[pair.name] = (layer, labels)
+            self._pair_arrays[pair.name] = array
+        self._show_pairs()
+        missing = missing_pairs(saved, arrays)
+        if missing:
+            show_warning(
+                "Not restored (open these images to train on them again): "
+                + ", ".join(missing)
+            )
 
     def autosave(self) -> None:
         """Save the session to the last session file, or to the autosave file."""
@@ -793,9 +995,10 @@ def _predict_boxes(
 ) -> Iterator[tuple[Box, np.ndarray, list[str]]]:
     """Classes of each box, with messages for the user said for the first time."""
     said: list[str] = []
+    normalization = classifier.normalization.for_image(image)  # once per image
     for box in boxes:
         told: list[str] = []
-        proba = predict_fitting(classifier, image, box, told.append)
+        proba = predict_fitting(classifier, image, box, told.append, normalization)
         classes, _ = labels_and_uncertainty(proba)
         new = [message for message in dict.fromkeys(told) if message not in said]
         said.extend(new)

@@ -2,10 +2,14 @@
 
 The package holds TorchScript weights of one module that does everything between
 raw pixels and class probabilities: the model's normalisation, a reflect padding of
-one halo and the dense network in ``valid`` mode, then a softmax. Its output has the
-input's size; the output halo is the receptive-field radius, so tools that tile
-(bioimage.io.core, deepImageJ, ilastik, ...) crop it and get exact results. Needs the
-optional ``bioimageio`` extra (``bioimageio.core``).
+one halo and the dense network in ``valid`` mode, then a softmax. A model whose
+normalisation policy is ``per_image`` normalises each image by its own percentiles
+instead: the package declares that as bioimage.io's ``scale_range`` preprocessing
+(``per_sample`` over y and x, per channel, at the model's percentiles), which tools
+compute on the whole image before they tile, and the module takes its result. Its
+output has the input's size; the output halo is the receptive-field radius, so tools
+that tile (bioimage.io.core, deepImageJ, ilastik, ...) crop it and get exact results.
+Needs the optional ``bioimageio`` extra (``bioimageio.core``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,12 @@ from napari_dsparse.export import load_classifier, write_atomically
 from napari_dsparse.model import Classifier
 from napari_dsparse.sparse import DenseNet
 
-__all__ = ["PixelProbabilities", "build_model_description", "export_bioimageio"]
+__all__ = [
+    "PixelProbabilities",
+    "build_model_description",
+    "export_bioimageio",
+    "preprocess",
+]
 
 TEST_SIDE = 96  # test tensor side: several receptive fields, small in the package
 CITATION = (
@@ -37,6 +46,7 @@ CITATION = (
     "convolutional neural networks for pixelwise classification"
 )
 CITATION_URL = "https://arxiv.org/abs/1412.4526"
+SCALE_RANGE_EPS = 1e-6  # bioimage.io's default; negligible next to intensity ranges
 
 
 class PixelProbabilities(nn.Module):
@@ -47,12 +57,14 @@ class PixelProbabilities(nn.Module):
         self.dense: DenseNet = classifier.dense
         low = torch.tensor(classifier.normalization.low, dtype=torch.float32)
         high = torch.tensor(classifier.normalization.high, dtype=torch.float32)
+        if _per_image(classifier):  # the package's preprocessing normalises
+            low, high = torch.zeros_like(low), torch.ones_like(high)
         self.register_buffer("low", low.view(1, -1, 1, 1))
         self.register_buffer("scale", (1 / (high - low)).view(1, -1, 1, 1))
         self.halo = classifier.halo
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.low) * self.scale  # the model file's normalisation
+        x = (x - self.low) * self.scale  # a fixed normalisation (or none: per image)
         x = F.pad(x, (self.halo,) * 4, mode="reflect")  # as a whole-image pass pads
         return torch.softmax(self.dense(x, valid=True, strategy="dilated"), dim=1)
 
@@ -136,9 +148,16 @@ def _input_description(classifier: Classifier, test_tensor: Path):
     from bioimageio.spec.model import v0_5 as spec
 
     minimum = 2 * classifier.halo + 2  # reflect padding needs more than one halo
+    low, high = classifier.normalization.percentiles
+    per_image = _per_image(classifier)
     return spec.InputTensorDescr(
         id=spec.TensorId("raw"),
-        description="raw intensities, any range (the model normalises them)",
+        description=(
+            f"raw intensities, any range; each image is normalised by its own {low} "
+            f"and {high} percentiles per channel (scale_range preprocessing)"
+            if per_image
+            else "raw intensities, any range (the model normalises them)"
+        ),
         axes=[
             spec.BatchAxis(),
             spec.ChannelAxis(
@@ -158,7 +177,43 @@ def _input_description(classifier: Classifier, test_tensor: Path):
         test_tensor=spec.FileDescr(source=test_tensor),
         sample_tensor=spec.FileDescr(source=test_tensor.with_suffix(".tif")),
         data=spec.IntervalOrRatioDataDescr(type="float32"),
+        preprocessing=[_scale_range(classifier)] if per_image else [],
     )
+
+
+def _per_image(classifier: Classifier) -> bool:
+    return classifier.normalization.policy == "per_image"
+
+
+def _scale_range(classifier: Classifier):
+    """bioimage.io's per-sample percentile normalisation, as the per-image policy."""
+    from bioimageio.spec.model import v0_5 as spec
+
+    low, high = classifier.normalization.percentiles
+    return spec.ScaleRangeDescr(
+        kwargs=spec.ScaleRangeKwargs(
+            axes=[spec.AxisId("y"), spec.AxisId("x")],
+            min_percentile=low,
+            max_percentile=high,
+            eps=SCALE_RANGE_EPS,
+        )
+    )
+
+
+def preprocess(classifier: Classifier, images: np.ndarray) -> np.ndarray:
+    """What the package's preprocessing makes of raw ``(B, C, Y, X)`` images.
+
+    Per image: bioimage.io's ``scale_range`` per sample and channel,
+    ``(x - p_low) / (p_high - p_low + eps)``; with a fixed normalisation nothing
+    (the module normalises).
+    """
+    if not _per_image(classifier):
+        return images.astype(np.float32)
+    values = images.astype(np.float64)
+    low, high = np.percentile(
+        values, classifier.normalization.percentiles, axis=(2, 3), keepdims=True
+    )
+    return ((values - low) / (high - low + SCALE_RANGE_EPS)).astype(np.float32)
 
 
 def _output_description(classifier: Classifier, test_tensor: Path):
@@ -196,13 +251,14 @@ def _write_files(classifier: Classifier, folder: Path) -> dict[str, Path]:
     """Weights, test tensors, cover and README of the package, in ``folder``."""
     module = PixelProbabilities(classifier).eval()
     test_input = _test_image(classifier)  # (1, C, S, S) float32
+    model_input = torch.from_numpy(preprocess(classifier, test_input))
     with torch.inference_mode():
-        test_output = module(torch.from_numpy(test_input)).numpy()
+        test_output = module(model_input).numpy()
     with warnings.catch_warnings():  # shape checks become constants: all dilated
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # TorchScript is deprecated in torch, but it is bioimage.io's torch format.
         warnings.simplefilter("ignore", DeprecationWarning)
-        traced = torch.jit.trace(module, torch.from_numpy(test_input))
+        traced = torch.jit.trace(module, model_input)
     files = {
         "weights": folder / "weights_torchscript.pt",
         "input": folder / "test_input.npy",
@@ -263,6 +319,21 @@ def _settings(classifier: Classifier) -> dict:
     }
 
 
+def _normalisation_text(classifier: Classifier) -> str:
+    normalization = classifier.normalization
+    if _per_image(classifier):
+        low, high = normalization.percentiles
+        return (
+            f"each image is normalised per channel by its own {low} and {high} "
+            "percentiles (`scale_range` preprocessing, per sample: tools compute it "
+            "on the whole image before tiling), as napari-dsparse does"
+        )
+    return (
+        f"the model applies its own normalisation (per channel, `low` -> 0, `high` "
+        f"-> 1: low {list(normalization.low)}, high {list(normalization.high)})"
+    )
+
+
 def _readme(classifier: Classifier) -> str:
     classes = "\n".join(
         f"- class {k} ({name}): colour {_hex(color)}"
@@ -282,9 +353,7 @@ A patch classifier with a receptive field of {classifier.patch_size} x
 
 ## Input and output
 - input `raw`: (batch, {classifier.in_channels} channel(s), y, x) float32 raw
-  intensities; the model applies its own normalisation (per channel, `low` -> 0,
-  `high` -> 1: low {list(classifier.normalization.low)}, high
-  {list(classifier.normalization.high)}).
+  intensities; {_normalisation_text(classifier)}.
 - output `probabilities`: (batch, {classifier.num_classes} classes, y, x), the same
   size as the input. Borders are handled by reflect padding; when tiling, crop a halo
   of {classifier.halo} pixels on each side of every tile (declared in the package),

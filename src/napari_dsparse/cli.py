@@ -15,11 +15,10 @@ from napari_dsparse import __version__
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from napari_dsparse.workflows import train_from_files
+    from napari_dsparse.workflows import train_from_pairs
 
-    train_from_files(
-        args.image,
-        args.labels,
+    train_from_pairs(
+        _training_pairs(args),
         args.output,
         seconds=args.seconds,
         steps=args.steps,
@@ -28,14 +27,29 @@ def _run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         channel_axis=args.channel_axis,
         report=print,
+        normalization=args.normalization.replace("-", "_"),
     )
     return 0
 
 
-def _run_predict(args: argparse.Namespace) -> int:
-    from napari_dsparse.workflows import predict_files
+def _training_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``IMAGE LABELS`` (if given), then every ``--pair IMAGE LABELS``."""
+    from napari_dsparse.data import InputError
 
-    predict_files(
+    pairs = [tuple(pair) for pair in args.pair or []]
+    if args.image is not None and args.labels is None:
+        raise InputError(f"{args.image}: give its labels file too (IMAGE LABELS)")
+    if args.image is not None:
+        pairs.insert(0, (args.image, args.labels))
+    if not pairs:
+        raise InputError("give IMAGE LABELS or one or more --pair IMAGE LABELS")
+    return pairs
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from napari_dsparse.workflows import predict_many
+
+    summary = predict_many(
         args.model,
         args.images,
         args.output,
@@ -43,12 +57,12 @@ def _run_predict(args: argparse.Namespace) -> int:
         uncertainty=args.uncertainty,
         device=args.device,
         channel_axis=args.channel_axis,
-        report=print,
+        progress=not args.quiet,
         memory=args.memory,
         scheduler=args.scheduler or args.dask,
-        show_progress=not args.quiet,
     )
-    return 0
+    print(summary.text())
+    return 1 if summary.failed else 0
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -112,10 +126,29 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     from napari_dsparse.nets import DEFAULT_PRESET, PRESETS
 
     train = commands.add_parser(
-        "train", help="train a model from an image and its painted labels"
+        "train",
+        help="train a model from images and their painted labels",
+        description="Train one model on one or more images and their painted labels "
+        "(0 unpainted, 1..K classes). Images may differ in size; their channels "
+        "must agree.",
     )
-    train.add_argument("image", help="image file (.tif, .tiff, .npy, .png)")
-    train.add_argument("labels", help="labels: 0 unpainted, 1..K classes")
+    train.add_argument("image", nargs="?", help="image file (.tif, .tiff, .npy, .png)")
+    train.add_argument("labels", nargs="?", help="labels: 0 unpainted, 1..K classes")
+    train.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        metavar=("IMAGE", "LABELS"),
+        help="one more image and its labels (repeat for each image)",
+    )
+    train.add_argument(
+        "--normalization",
+        choices=("per-image", "fixed"),
+        default="per-image",
+        help="per-image: each image by its own 1st-99.8th percentiles, also when "
+        "predicting (default); fixed: the training images' pooled percentiles for "
+        "every image",
+    )
     train.add_argument("--output", "-o", required=True, help="model file to write")
     budget = train.add_mutually_exclusive_group()
     budget.add_argument("--seconds", type=float, help="training time (default: 30 s)")
@@ -130,14 +163,25 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
-    predict = commands.add_parser("predict", help="apply a model to images")
+    predict = commands.add_parser(
+        "predict",
+        help="apply a model to images, folders or glob patterns",
+        description="Predict every image with one progress bar, then print a summary "
+        "(files, pixels, seconds). Files that cannot be read are skipped and listed; "
+        "the exit code is then 1.",
+    )
     predict.add_argument("model", help="model file written by 'train'")
-    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument(
+        "images",
+        nargs="+",
+        help="image files or zarr stores, folders (their .tif/.tiff/.npy/.png files "
+        "and .zarr stores) or quoted glob patterns such as 'data/*.tif'",
+    )
     predict.add_argument(
         "--output",
         "-o",
         required=True,
-        help="a .tif file for one image, a folder for several",
+        help="a .tif file or .zarr store for one image, a folder for several",
     )
     predict.add_argument(
         "--probabilities", action="store_true", help="also write class probabilities"
@@ -215,9 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``napari-dsparse`` console script."""
     args = build_parser().parse_args(argv)
     from napari_dsparse.data import InputError
+    from napari_dsparse.export import WriteError
 
     try:
         return args.func(args)
+    except WriteError as error:  # an output the system refuses to write
+        print(f"napari-dsparse {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except InputError as error:
         print(f"napari-dsparse {args.command}: error: {error}", file=sys.stderr)
         return 2

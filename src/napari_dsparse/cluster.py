@@ -19,7 +19,7 @@ import dask.array as da
 import numpy as np
 import torch
 
-from napari_dsparse.data import InputError
+from napari_dsparse.data import InputError, Normalization
 from napari_dsparse.model import Classifier
 from napari_dsparse.predict import labels_and_uncertainty
 
@@ -29,8 +29,19 @@ Progress = Callable[[int, int], None]
 CONNECT_TIMEOUT = "10s"  # how long to wait for a scheduler before giving up
 
 
-def predict_dask(classifier: Classifier, image: da.Array, tile: int) -> da.Array:
-    """Lazy class probabilities ``(K, Z, Y, X)`` float32 of a ``(C, Z, Y, X)`` image."""
+def predict_dask(
+    classifier: Classifier,
+    image: da.Array,
+    tile: int,
+    normalization: Normalization | None = None,
+) -> da.Array:
+    """Lazy class probabilities ``(K, Z, Y, X)`` float32 of a ``(C, Z, Y, X)`` image.
+
+    ``normalization`` is the map for the whole image; by default it is resolved here,
+    once (``classifier.normalization.for_image(image)``), and every chunk uses it.
+    """
+    if normalization is None:
+        normalization = classifier.normalization.for_image(image)
     halo = classifier.halo
     channels, _, height, width = image.shape
     chunked = image.rechunk(
@@ -50,6 +61,7 @@ def predict_dask(classifier: Classifier, image: da.Array, tile: int) -> da.Array
         dtype=np.float32,
         chunks=((classifier.num_classes,), *chunked.chunks[1:]),
         classifier=classifier,
+        normalization=normalization,
         meta=np.empty((0, 0, 0, 0), np.float32),
     )
 
@@ -63,7 +75,10 @@ def _no_small_chunks(size: int, tile: int, halo: int) -> tuple[int, ...]:
 
 
 def _predict_chunk(
-    block: np.ndarray, classifier: Classifier, block_info: dict | None = None
+    block: np.ndarray,
+    classifier: Classifier,
+    normalization: Normalization,
+    block_info: dict | None = None,
 ) -> np.ndarray:
     """Probabilities ``(K, 1, h, w)`` of one chunk given with its neighbours' halo."""
     halo = classifier.halo
@@ -73,7 +88,7 @@ def _predict_chunk(
         (halo if index == 0 else 0, halo if index == count - 1 else 0)
         for index, count in zip(location, counts, strict=True)
     ]
-    window = classifier.normalization.apply(np.asarray(block[:, 0]))  # (C, h', w')
+    window = normalization.apply(np.asarray(block[:, 0]))  # (C, h', w')
     window = np.pad(window, ((0, 0), *pad), mode="reflect")
     classifier.patch_net.eval()
     with torch.inference_mode():
@@ -90,10 +105,16 @@ def predict_into_with_dask(
     tile: int,
     scheduler: str,
     progress: Progress | None = None,
+    normalization: Normalization | None = None,
 ) -> None:
-    """Fill the zarr ``store`` of :mod:`napari_dsparse.large` on a dask cluster."""
+    """Fill the zarr ``store`` of :mod:`napari_dsparse.large` on a dask cluster.
+
+    ``normalization``: the whole image's map, resolved once (see :func:`predict_dask`).
+    """
     # A CPU copy travels to the workers; the caller's classifier stays where it is.
-    proba = predict_dask(copy.deepcopy(classifier).to("cpu"), image, tile)
+    proba = predict_dask(
+        copy.deepcopy(classifier).to("cpu"), image, tile, normalization
+    )
     classes = da.map_blocks(
         lambda p: labels_and_uncertainty(p)[0],
         proba,

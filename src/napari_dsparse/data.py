@@ -8,13 +8,17 @@ slice: the networks are 2D, each slice is predicted with its own 2D patches.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
 __all__ = [
+    "NORMALIZATION_POLICIES",
     "InputError",
     "Normalization",
+    "NormalizationPolicy",
     "as_channels_first",
     "as_planes",
     "check_image",
@@ -169,22 +173,83 @@ def class_weights(counts: np.ndarray) -> np.ndarray:
     return weights
 
 
+NormalizationPolicy = Literal["per_image", "fixed"]
+NORMALIZATION_POLICIES: tuple[str, ...] = ("per_image", "fixed")
+DEFAULT_PERCENTILES = (1.0, 99.8)
+
+
 @dataclass(frozen=True)
 class Normalization:
-    """Per-channel affine map of robust percentiles ``low -> 0``, ``high -> 1``."""
+    """Per-channel affine map of robust percentiles ``low -> 0``, ``high -> 1``.
+
+    ``policy`` says how the map is chosen for an image the model meets
+    (:meth:`for_image`): ``"per_image"`` takes that image's own ``percentiles``
+    (``low``/``high`` are then those of the first training image, kept for reference
+    and for readers that predate policies); ``"fixed"`` applies ``low``/``high`` to
+    every image as they are. A stack or time series counts as one image.
+    """
 
     low: tuple[float, ...]
     high: tuple[float, ...]
+    policy: NormalizationPolicy = "fixed"
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+
+    def __post_init__(self) -> None:
+        if self.policy not in NORMALIZATION_POLICIES:
+            raise InputError(
+                f"unknown normalisation policy {self.policy!r}: choose one of "
+                f"{', '.join(NORMALIZATION_POLICIES)}"
+            )
 
     @classmethod
     def from_image(
-        cls, image: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.8)
+        cls,
+        image: np.ndarray,
+        percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+        policy: NormalizationPolicy = "per_image",
     ) -> Normalization:
         """Percentiles of each channel of a ``(C, Z, Y, X)`` image (subsampled)."""
-        sample = _subsample(image, 1_000_000).astype(np.float64)
-        low, high = np.percentile(sample.reshape(image.shape[0], -1), percentiles, 1)
+        return cls.from_images([image], percentiles, policy)
+
+    @classmethod
+    def from_images(
+        cls,
+        images: Sequence[np.ndarray],
+        percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+        policy: NormalizationPolicy = "per_image",
+    ) -> Normalization:
+        """Percentiles of each channel over ``(C, Z, Y, X)`` images pooled together.
+
+        With ``policy="per_image"`` only the first image is used (the others get
+        their own percentiles when the model meets them).
+        """
+        if not images:
+            raise InputError("no images to normalise")
+        if policy == "per_image":
+            images = images[:1]
+        channels = images[0].shape[0]
+        budget = max(1, 1_000_000 // len(images))
+        sample = np.concatenate(
+            [
+                _subsample(image, budget).astype(np.float64).reshape(channels, -1)
+                for image in images
+            ],
+            axis=1,
+        )
+        low, high = np.percentile(sample, percentiles, 1)
         high = np.where(high > low, high, low + 1.0)  # a constant channel maps to 0
-        return cls(tuple(map(float, low)), tuple(map(float, high)))
+        return cls(
+            tuple(map(float, low)),
+            tuple(map(float, high)),
+            policy,
+            (float(percentiles[0]), float(percentiles[1])),
+        )
+
+    def for_image(self, image: np.ndarray) -> Normalization:
+        """The map to use for the ``(C, Z, Y, X)`` ``image``: see ``policy``."""
+        if self.policy == "fixed":
+            return self
+        return Normalization.from_image(image, self.percentiles, self.policy)
 
     def apply(self, window: np.ndarray) -> np.ndarray:
         """Normalise a ``(C, ...)`` window to float32."""
@@ -193,12 +258,23 @@ class Normalization:
         scale = 1 / (np.asarray(self.high, np.float32).reshape(shape) - low)
         return (window.astype(np.float32) - low) * scale
 
-    def to_dict(self) -> dict[str, list[float]]:
-        return {"low": list(self.low), "high": list(self.high)}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "low": list(self.low),
+            "high": list(self.high),
+            "policy": self.policy,
+            "percentiles": list(self.percentiles),
+        }
 
     @classmethod
-    def from_dict(cls, values: dict[str, list[float]]) -> Normalization:
-        return cls(tuple(values["low"]), tuple(values["high"]))
+    def from_dict(cls, values: dict[str, Any]) -> Normalization:
+        """Read :meth:`to_dict`; files without a policy (older) are ``"fixed"``."""
+        return cls(
+            tuple(values["low"]),
+            tuple(values["high"]),
+            values.get("policy", "fixed"),
+            tuple(values.get("percentiles", DEFAULT_PERCENTILES)),
+        )
 
 
 def _subsample(image: np.ndarray, max_pixels: int) -> np.ndarray:

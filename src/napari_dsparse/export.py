@@ -22,7 +22,13 @@ from napari_dsparse.data import InputError, Normalization
 from napari_dsparse.model import Classifier
 from napari_dsparse.nets import Preset, build_patch_net
 
-__all__ = ["FORMAT_VERSION", "ModelFileError", "load_classifier", "save_classifier"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ModelFileError",
+    "WriteError",
+    "load_classifier",
+    "save_classifier",
+]
 
 FORMAT = "napari-dsparse model"
 FORMAT_VERSION = 1
@@ -30,6 +36,13 @@ FORMAT_VERSION = 1
 
 class ModelFileError(InputError):
     """A model file that is missing, damaged or from a newer version."""
+
+
+class WriteError(InputError):
+    """The system refused to write an output (full disk, a folder in the way...).
+
+    One line like every ``InputError``; the command line exits with 1, not 2.
+    """
 
 
 def classifier_to_dict(classifier: Classifier) -> dict[str, Any]:
@@ -81,14 +94,14 @@ def write_atomically(path: Path, write: Callable[[str], object]) -> None:
             dir=path.parent, prefix=f".{path.name}.", suffix=".part"
         )
     except OSError as error:
-        raise InputError(f"cannot write {path}: {error.strerror}") from error
+        raise WriteError(f"cannot write {path}: {error.strerror}") from error
     os.close(handle)
     try:
         write(temporary)
         os.replace(temporary, path)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
-        raise InputError(os_error_message(path, error)) from error
+        raise WriteError(os_error_message(path, error)) from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from napari_dsparse.data import Normalization
 from napari_dsparse.model import Classifier
 from napari_dsparse.predict import Box, iter_tiles, predict_box
 from napari_dsparse.train import TrainConfig, Trainer
@@ -126,15 +127,17 @@ def predict_fitting(
     image: np.ndarray,
     box: Box,
     tell: Callable[[str], None] = lambda _message: None,
+    normalization: Normalization | None = None,
 ) -> np.ndarray:
     """:func:`predict_box`, in quarters when accelerator memory runs out.
 
     Tiles are exact, so the parts give the numbers of the whole box. A tile of
     ``MIN_OOM_TILE`` pixels or less that still runs out re-raises the error (the
     caller may move to the CPU). ``tell`` hears about the smaller tiles.
+    ``normalization`` is the whole image's map (see :func:`predict_box`).
     """
     try:
-        return predict_box(classifier, image, box)
+        return predict_box(classifier, image, box, normalization)
     except Exception as error:
         height, width = box.r1 - box.r0, box.c1 - box.c0
         if not is_out_of_memory(error) or max(height, width) <= MIN_OOM_TILE:
@@ -145,5 +148,7 @@ def predict_fitting(
     for part in iter_tiles(image.shape[1:], max(height, width) // 2, box):
         rows = slice(part.r0 - box.r0, part.r1 - box.r0)
         cols = slice(part.c0 - box.c0, part.c1 - box.c0)
-        proba[:, rows, cols] = predict_fitting(classifier, image, part, tell)
+        proba[:, rows, cols] = predict_fitting(
+            classifier, image, part, tell, normalization
+        )
     return proba

@@ -25,8 +25,8 @@ import tifffile
 import torch
 from torch import nn
 
-from napari_dsparse.data import InputError, as_channels_first
-from napari_dsparse.export import os_error_message, write_atomically
+from napari_dsparse.data import InputError, Normalization, as_channels_first
+from napari_dsparse.export import WriteError, os_error_message, write_atomically
 from napari_dsparse.model import Classifier
 from napari_dsparse.predict import (
     _check_compatible,
@@ -243,16 +243,21 @@ def predict_file(
     targets = _targets(output, outputs)
     image = as_channels_first(open_lazy(image_path), channel_axis)  # (C, Z, Y, X)
     _check_compatible(classifier, image)
+    # The model's policy, resolved once for the whole image (per image: one pass
+    # over a subsample of its pixels), never per tile or chunk.
+    normalization = classifier.normalization.for_image(image)
     tile = tile_for_memory(classifier, memory)
     scratch = _scratch_path(output)
     try:
         store = _create_store(scratch, classifier, image.shape, tile, outputs)
         if scheduler is None:
-            _predict_into(classifier, image, store, tile, progress)
+            _predict_into(classifier, image, store, tile, progress, normalization)
         else:
             from napari_dsparse.cluster import predict_into_with_dask
 
-            predict_into_with_dask(classifier, image, store, tile, scheduler, progress)
+            predict_into_with_dask(
+                classifier, image, store, tile, scheduler, progress, normalization
+            )
         spatial = image.shape[1:] if image.shape[1] > 1 else image.shape[2:]
         if output.name.lower().endswith(".zarr"):
             _finish_zarr(scratch, output)
@@ -261,7 +266,7 @@ def predict_file(
             for name, target in reversed(targets.items()):
                 _write_tif_from(store[name], target, spatial, tile)
     except OSError as error:
-        raise InputError(os_error_message(output, error)) from error
+        raise WriteError(os_error_message(output, error)) from error
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return list(targets.values())
@@ -273,12 +278,16 @@ def _predict_into(
     store,
     tile: int,
     progress: Progress | None,
+    normalization: Normalization | None = None,
 ) -> None:
-    """Fill ``store`` tile by tile in this process (dask only reads the pixels)."""
+    """Fill ``store`` tile by tile in this process (dask only reads the pixels).
+
+    ``normalization`` is the whole image's map (see :func:`predict_box`).
+    """
     boxes = list(iter_tiles(image.shape[1:], tile))
     with dask.config.set(scheduler="synchronous"):
         for done, box in enumerate(boxes, start=1):
-            proba = predict_box(classifier, image, box)  # (K, h, w)
+            proba = predict_box(classifier, image, box, normalization)  # (K, h, w)
             _store_tile(store, proba, box.z, (box.r0, box.r1), (box.c0, box.c1))
             if progress is not None:
                 progress(done, len(boxes))

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from napari_dsparse.data import (
+    InputError,
     Normalization,
     check_labels,
     check_trainable_image,
-    missing_classes,
     painted_classes,
     small_image_warning,
 )
@@ -38,6 +38,7 @@ from napari_dsparse.model import Classifier, pick_device
 from napari_dsparse.nets import DEFAULT_PRESET
 from napari_dsparse.predict import Box, iter_tiles, labels_and_uncertainty, predict_box
 from napari_dsparse.train import TrainConfig, Trainer, TrainingDiverged, TrainStatus
+from napari_dsparse.training_set import TrainingSet
 
 __all__ = [
     "LiveSession",
@@ -72,6 +73,7 @@ class Mailbox:
         self._labels: np.ndarray | None = None
         self._view: Box | None = None
         self._slice = 0
+        self._pair_changes: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         self.posted = 0  # snapshots posted so far; the version of the latest
 
     def post_labels(self, labels: np.ndarray) -> int:
@@ -89,8 +91,26 @@ class Mailbox:
             return None if labels is None else (labels, self.posted)
 
     def has_new_labels(self) -> bool:
+        """Whether a label snapshot or a training-set change is waiting."""
         with self._lock:
-            return self._labels is not None
+            return self._labels is not None or bool(self._pair_changes)
+
+    def post_pair(self, name: str, image: np.ndarray, labels: np.ndarray) -> None:
+        """Add (or update) the training pair ``name``: the image is not copied."""
+        snapshot = np.array(labels, copy=True)
+        with self._lock:
+            self._pair_changes[name] = (image, snapshot)
+
+    def post_pair_removal(self, name: str) -> None:
+        """Stop training on the pair ``name``."""
+        with self._lock:
+            self._pair_changes[name] = None
+
+    def take_pair_changes(self) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
+        """Pairs added or updated (``(image, labels)``) and removed (``None``)."""
+        with self._lock:
+            changes, self._pair_changes = self._pair_changes, {}
+            return changes
 
     def post_view(self, view: Box | None, current_slice: int = 0) -> None:
         """The region on screen (``None``: unknown) and the slice being shown."""
@@ -139,9 +159,14 @@ class TrainingPaused:
 class LiveSession:
     """An image, its classes and the model being trained on it (Qt-free state).
 
-    ``image`` is ``(C, Z, Y, X)``. The classifier is created on the first snapshot
-    and kept across pauses; :meth:`reset` forgets it. ``last_good`` is a copy of the
-    trainer's state after the latest healthy round (see :meth:`keep_last_good`).
+    ``image`` is ``(C, Z, Y, X)``: the image in view, whose label snapshots
+    (:meth:`set_labels`) are the training pair ``name`` and whose predictions are
+    shown. ``pairs`` are more ``(image, labels)`` pairs trained on at the same time
+    (:meth:`add_pair`, :meth:`remove_pair`); :meth:`for_image` moves the view to
+    another image and keeps the model and the pairs. The classifier is created once
+    two classes are painted (over the view and the pairs) and kept across pauses;
+    :meth:`reset` forgets it. ``last_good`` is a copy of the trainer's state after
+    the latest healthy round (see :meth:`keep_last_good`).
     """
 
     image: np.ndarray
@@ -152,14 +177,27 @@ class LiveSession:
     classifier: Classifier | None = None
     trainer: Trainer | None = None
     labels_version: int = 0
-    painted: bool = False  # whether the latest snapshot has two painted classes
+    painted: bool = False  # whether the view and the pairs have two painted classes
+    name: str = "image"  # the training pair of the image in view
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    optimizer_state: dict | None = None  # carried over from another image's session
     last_good: Checkpoint | None = None
     notices: list[str] = field(default_factory=list)  # for the user, not shown yet
     _gaps: list[int] = field(default_factory=list)
     _told: set[str] = field(default_factory=set)
+    _labels: np.ndarray | None = field(default=None, repr=False)  # latest snapshot
+    _classes: dict[str, frozenset[int]] = field(
+        default_factory=dict, repr=False
+    )  # painted classes of the view (``name``) and of each pair, counted once
+    _view_normalization: tuple[Normalization, Normalization] | None = field(
+        default=None, repr=False
+    )  # (the model's, resolved for the image in view)
 
     def __post_init__(self) -> None:
         check_trainable_image(self.image)
+        for other, (_image, labels) in self.pairs.items():
+            if other != self.name:
+                self._classes[other] = frozenset(painted_classes(labels).tolist())
 
     @property
     def ready(self) -> bool:
@@ -171,20 +209,96 @@ class LiveSession:
         """What the user should do before training can start."""
         return "paint a few strokes of each class (at least two classes)"
 
+    def _painted_classes(self) -> set[int]:
+        """Class ids painted in the view or in any pair."""
+        return set().union(*self._classes.values())
+
     def set_labels(self, labels: np.ndarray, version: int) -> None:
         """Train on ``labels`` from now on (warm start; grows classes if needed).
 
-        A snapshot with fewer than two painted classes keeps the model and pauses
-        training until strokes of two classes are there: one class alone teaches
-        nothing but "everything is this class".
+        Training needs strokes of two classes over the view and the pairs together:
+        one class alone teaches nothing but "everything is this class". Until then
+        the model is kept and training pauses.
         """
         self.labels_version = version
         labels = check_labels(labels, self.image.shape[1:])
-        self.painted = len(painted_classes(labels)) >= 2
+        self._labels = labels
+        self._classes[self.name] = frozenset(painted_classes(labels).tolist())
+        self.painted = len(self._painted_classes()) >= 2
         if not self.painted:
             return
-        self._note_gaps(labels)
-        num_classes = max(len(self.class_names), int(labels.max(initial=0)))
+        self._note_gaps()
+        self._update_pair(self.name, self.image, labels)
+
+    def add_pair(self, name: str, image: np.ndarray, labels: np.ndarray) -> None:
+        """Train on ``image`` (``(C, Z, Y, X)``, not copied) and ``labels`` too.
+
+        ``name`` is the pair's name; the image in view is the pair :attr:`name`.
+        """
+        check_trainable_image(image)
+        labels = check_labels(labels, image.shape[1:])
+        self.pairs[name] = (image, labels)
+        if name == self.name:
+            self.set_labels(labels, self.labels_version)
+            return
+        self._classes[name] = frozenset(painted_classes(labels).tolist())
+        self.painted = len(self._painted_classes()) >= 2
+        if self.painted:
+            self._note_gaps()
+        if self.painted or self.trainer is not None:
+            self._update_pair(name, image, labels)
+
+    def remove_pair(self, name: str) -> None:
+        """Stop training on the pair ``name`` (the image in view stays)."""
+        self.pairs.pop(name, None)
+        if name == self.name:
+            return
+        self._classes.pop(name, None)
+        self.painted = len(self._painted_classes()) >= 2
+        if self.trainer is None:
+            return
+        try:
+            self.trainer.remove_pair(name)
+        except InputError:  # nothing painted would be left: keep the optimiser
+            self.optimizer_state = self.trainer.optimizer.state_dict()
+            self.trainer = None
+
+    def for_image(self, name: str, image: np.ndarray) -> LiveSession:
+        """A session viewing ``image`` as pair ``name``, with this model and pairs.
+
+        The image in view so far stays in the training set only if it is one of
+        :attr:`pairs`. The optimiser's state carries over.
+        """
+        trainer = self.trainer
+        pairs = dict(self.pairs)
+        if self.name in pairs and self._labels is not None:
+            pairs[self.name] = (self.image, self._labels)  # the latest strokes
+        return LiveSession(
+            image,
+            self.class_names,
+            preset=self.preset,
+            config=self.config,
+            device=self.device,
+            classifier=self.classifier,
+            labels_version=self.labels_version,
+            name=name,
+            pairs=pairs,
+            optimizer_state=(
+                trainer.optimizer.state_dict() if trainer else self.optimizer_state
+            ),
+        )
+
+    def _all_labels(self) -> Iterator[np.ndarray]:
+        if self._labels is not None:
+            yield self._labels
+        for other, (_image, labels) in self.pairs.items():
+            if other != self.name:
+                yield labels
+
+    def _update_pair(self, name: str, image: np.ndarray, labels: np.ndarray) -> None:
+        """Put ``(image, labels)`` into the trainer's set, growing classes if needed."""
+        largest = max(int(labels.max(initial=0)) for labels in self._all_labels())
+        num_classes = max(len(self.class_names), largest, int(labels.max(initial=0)))
         if num_classes > len(self.class_names):
             extra = range(len(self.class_names) + 1, num_classes + 1)
             self.class_names = (*self.class_names, *(f"class {k}" for k in extra))
@@ -194,19 +308,38 @@ class LiveSession:
             self.classifier = self.classifier.with_classes(self.class_names)
             self.trainer = None
         if self.trainer is None:
-            self.trainer = Trainer(self.classifier, self.image, labels, self.config)
+            self.trainer = self._new_trainer(name, image, labels)
             self.keep_last_good()
-            warning = small_image_warning(
-                self.image.shape[1:], self.classifier.patch_size
-            )
+            warning = small_image_warning(image.shape[1:], self.classifier.patch_size)
             if warning:
                 self.tell(warning)
         else:
-            self.trainer.set_labels(labels)
+            self.trainer.add_pair(name, image, labels)
 
-    def _note_gaps(self, labels: np.ndarray) -> None:
+    def _new_trainer(self, name: str, image: np.ndarray, labels: np.ndarray) -> Trainer:
+        """A trainer on the image in view and every added pair."""
+        assert self.classifier is not None
+        training_set = TrainingSet(
+            self.classifier.normalization, self.classifier.num_classes
+        )
+        if self._labels is not None:
+            training_set.add(self.name, self.image, self._labels)
+        for other, (other_image, other_labels) in self.pairs.items():
+            if other != self.name:
+                training_set.add(other, other_image, other_labels)
+        training_set.add(name, image, labels)
+        trainer = Trainer.from_set(self.classifier, training_set, self.config)
+        if self.optimizer_state is not None:
+            trainer.optimizer.load_state_dict(self.optimizer_state)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = self.config.learning_rate
+            self.optimizer_state = None
+        return trainer
+
+    def _note_gaps(self) -> None:
         """Tell the user once about class ids without strokes (e.g. 1 and 3 only)."""
-        gaps = missing_classes(labels)
+        painted = self._painted_classes()
+        gaps = sorted(set(range(1, max(painted, default=0) + 1)) - painted)
         if gaps and gaps != self._gaps:
             names = ", ".join(
                 f"{k} ({self.class_names[k - 1]!r})"
@@ -254,16 +387,29 @@ class LiveSession:
     def replace_image(self, image: np.ndarray) -> bool:
         """Train on new pixels of the same layout; whether the model could be kept.
 
-        With another number of channels or another size the model and trainer are
-        forgotten (the scribbles would not fit); otherwise training goes on.
+        With the same shape the view's training pair gets the new pixels (and, per
+        image, their own normalisation) and training goes on. With another number of
+        channels or another size the model and trainer are forgotten (the scribbles
+        would not fit); the other pairs of the set stay for the next model.
         """
         check_trainable_image(image)
         same = image.shape == self.image.shape
         self.image = image
+        self._view_normalization = None
+        if self.name in self.pairs:
+            labels = self.pairs[self.name][1]
+            if same:
+                self.pairs[self.name] = (image, labels)
+            else:
+                del self.pairs[self.name]
         if not same:
+            self._labels = None
+            self._classes.pop(self.name, None)
+            self.painted = len(self._painted_classes()) >= 2
             self.reset()
-        elif self.trainer is not None:
-            self.trainer.image = image
+        elif self.trainer is not None and self.name in self.trainer.training_set:
+            labels = self.trainer.training_set[self.name].labels
+            self.trainer.add_pair(self.name, image, labels)
         return same
 
     def set_learning_rate(self, learning_rate: float) -> None:
@@ -287,21 +433,29 @@ class LiveSession:
         """Forget the model; the next snapshot starts from a fresh network."""
         self.classifier = None
         self.trainer = None
+        self.optimizer_state = None
         self.last_good = None
+        self._view_normalization = None
 
     def predict(self, box: Box) -> PredictionUpdate:
         """Classes and uncertainty of ``box`` from the current model."""
         assert self.classifier is not None and self.trainer is not None
-        proba = self._predict_fitting(box)  # (K, h, w)
+        model = self.classifier.normalization
+        if self._view_normalization is None or self._view_normalization[0] != model:
+            # once per image and model: the image's own percentiles by default
+            self._view_normalization = (model, model.for_image(self.image))
+        proba = self._predict_fitting(box, self._view_normalization[1])  # (K, h, w)
         classes, uncertainty = labels_and_uncertainty(proba)
         return PredictionUpdate(
             box, classes, uncertainty, self.trainer.steps_done, self.labels_version
         )
 
-    def _predict_fitting(self, box: Box) -> np.ndarray:
+    def _predict_fitting(self, box: Box, normalization: Normalization) -> np.ndarray:
         """``predict_box`` in smaller tiles, then on the CPU, when memory runs out."""
         try:
-            return predict_fitting(self.classifier, self.image, box, self.tell)
+            return predict_fitting(
+                self.classifier, self.image, box, self.tell, normalization
+            )
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -310,7 +464,7 @@ class LiveSession:
         move_trainer(self.trainer, "cpu")
         self.device = "cpu"
         self.tell("out of GPU memory: moved to the CPU (slower)")
-        return predict_box(self.classifier, self.image, box)
+        return predict_box(self.classifier, self.image, box, normalization)
 
 
 def preview_boxes(
@@ -395,6 +549,11 @@ def _notices(session: LiveSession) -> Iterator[Notice]:
 
 def _take_snapshot(session: LiveSession, mailbox: Mailbox) -> bool:
     """Apply the newest snapshot, if any; whether there is something to train on."""
+    for name, pair in mailbox.take_pair_changes().items():
+        if pair is None:
+            session.remove_pair(name)
+        else:
+            session.add_pair(name, *pair)
     posted = mailbox.take_labels()
     if posted is not None:
         session.set_labels(*posted)

@@ -173,7 +173,7 @@ class Classifier:
         scale = self.feature_scale()
         if scale is None or scale.fitted.item():
             return
-        normalization = normalization or self.normalization
+        normalization = normalization or self.normalization.for_image(image)
         layers = list(self.patch_net)
         trunk = nn.Sequential(*layers[: layers.index(scale)])
         z = image.shape[1] // 2

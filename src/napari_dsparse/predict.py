@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from napari_dsparse.data import InputError, check_image, read_window
+from napari_dsparse.data import InputError, Normalization, check_image, read_window
 from napari_dsparse.model import Classifier
 
 __all__ = [
@@ -52,11 +52,21 @@ def iter_tiles(
                 yield Box(z, r0, min(r0 + tile, r_stop), c0, min(c0 + tile, c_stop))
 
 
-def predict_box(classifier: Classifier, image: np.ndarray, box: Box) -> np.ndarray:
-    """Class probabilities ``(K, r1 - r0, c1 - c0)`` of one box of ``image``."""
+def predict_box(
+    classifier: Classifier,
+    image: np.ndarray,
+    box: Box,
+    normalization: Normalization | None = None,
+) -> np.ndarray:
+    """Class probabilities ``(K, r1 - r0, c1 - c0)`` of one box of ``image``.
+
+    ``normalization`` is the map resolved for the whole image
+    (``classifier.normalization.for_image(image)``, computed once by the caller);
+    without it, the classifier's stored ``low``/``high`` are used as they are.
+    """
     window = read_window(
         image,
-        classifier.normalization,
+        normalization or classifier.normalization,
         box.z,
         (box.r0, box.r1),
         (box.c0, box.c1),
@@ -79,7 +89,9 @@ def predict_proba(
     """Class probabilities of ``image`` (``(C, Z, Y, X)``), tile by tile.
 
     Returns ``(K, Z, Y, X)`` float32 for the whole image, or ``(K, h, w)`` for a
-    ``region``. ``progress(done, total)`` is called after each tile.
+    ``region``. The image is normalised as the model's policy says (by default with
+    the whole image's own percentiles, also when only a region is predicted).
+    ``progress(done, total)`` is called after each tile.
     """
     _check_compatible(classifier, image)
     depth, height, width = image.shape[1:]
@@ -93,6 +105,7 @@ def predict_proba(
         )
         offset = (region.r0, region.c0)
     boxes = list(iter_tiles((depth, height, width), tile, region))
+    normalization = classifier.normalization.for_image(image)  # the whole image's
     for done, box in enumerate(boxes, start=1):
         z = box.z if region is None else 0
         out[
@@ -100,7 +113,7 @@ def predict_proba(
             z,
             box.r0 - offset[0] : box.r1 - offset[0],
             box.c0 - offset[1] : box.c1 - offset[1],
-        ] = predict_box(classifier, image, box)
+        ] = predict_box(classifier, image, box, normalization)
         if progress is not None:
             progress(done, len(boxes))
     return out if region is None else out[:, 0]

@@ -1,8 +1,10 @@
 """Training from painted pixels only: masked, class-balanced, warm-startable.
 
 Each step runs the dense network on a batch of windows (crops around painted pixels,
-or whole painted slices when that costs less; both exact) and takes the
-cross-entropy over painted pixels only, so unpainted pixels contribute nothing.
+or whole painted slices when that costs less; both exact) drawn from a
+:class:`~napari_dsparse.training_set.TrainingSet` of one or more labelled images,
+and takes the cross-entropy over painted pixels only, so unpainted pixels contribute
+nothing.
 :func:`iter_train` is the generator that the command line, the tests and the napari
 worker all drive; a new label snapshot can be sent into it between steps.
 """
@@ -18,18 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_dsparse.data import (
-    InputError,
-    check_labels,
-    class_counts,
-    class_weights,
-    read_window,
-)
+from napari_dsparse.data import InputError, class_weights, read_window
 from napari_dsparse.model import Classifier
+from napari_dsparse.training_set import Pair, TrainingSet
 
 __all__ = ["TrainConfig", "TrainStatus", "Trainer", "TrainingDiverged", "iter_train"]
 
 StepMode = Literal["crops", "whole"]
+DEFAULT_PAIR = "image"  # the name of the pair given to ``Trainer(...)``
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,10 +65,14 @@ class _Batch:
 
 
 class Trainer:
-    """Holds the optimiser and the latest label snapshot; :meth:`step` trains once.
+    """Holds the optimiser and a training set of labelled images; :meth:`step` trains.
 
-    ``image`` is ``(C, Z, Y, X)`` in any dtype (see :mod:`napari_dsparse.data`);
-    ``labels`` are ``(Z, Y, X)`` or ``(Y, X)``, 0 = unpainted, 1..K = classes.
+    ``Trainer(classifier, image, labels)`` trains on one image: ``image`` is
+    ``(C, Z, Y, X)`` in any dtype (see :mod:`napari_dsparse.data`), ``labels`` are
+    ``(Z, Y, X)`` or ``(Y, X)``, 0 = unpainted, 1..K = classes; that pair is named
+    ``"image"``. :meth:`from_set` trains on a :class:`TrainingSet` of several pairs;
+    :meth:`add_pair` and :meth:`remove_pair` change the set between steps, and the
+    model keeps what it learned (warm start).
     """
 
     def __init__(
@@ -80,36 +82,113 @@ class Trainer:
         labels: np.ndarray,
         config: TrainConfig | None = None,
     ) -> None:
+        training_set = TrainingSet(classifier.normalization, classifier.num_classes)
+        self._setup(classifier, training_set, config)
+        self.add_pair(DEFAULT_PAIR, image, labels)
+
+    @classmethod
+    def from_set(
+        cls,
+        classifier: Classifier,
+        training_set: TrainingSet,
+        config: TrainConfig | None = None,
+    ) -> Trainer:
+        """A trainer that draws its crops from every pair of ``training_set``."""
+        trainer = cls.__new__(cls)
+        trainer._setup(classifier, training_set, config)
+        channels = training_set.channels
+        if channels is not None and channels != classifier.in_channels:
+            raise InputError(
+                f"the training set's images have {channels} channel(s) but the "
+                f"model expects {classifier.in_channels}"
+            )
+        trainer._check_set()
+        trainer._fit_feature_scale()
+        trainer.labels_version += 1
+        return trainer
+
+    def _setup(
+        self,
+        classifier: Classifier,
+        training_set: TrainingSet,
+        config: TrainConfig | None,
+    ) -> None:
         self.classifier = classifier
-        classifier.fit_feature_scale(image)  # once, for a fresh model
-        self.image = image
+        self.training_set = training_set
         self.config = config or TrainConfig()
         self.rng = np.random.default_rng(self.config.seed)
         params = [p for p in classifier.patch_net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=self.config.learning_rate)
         self.steps_done = int(classifier.provenance.get("steps", 0))
         self.labels_version = 0
-        self.set_labels(labels)
 
-    def set_labels(self, labels: np.ndarray) -> None:
-        """Take a new snapshot of the painted labels (copied; the model is kept)."""
-        labels = check_labels(np.array(labels, copy=True), self.image.shape[1:])
-        counts = class_counts(labels, self.classifier.num_classes)
-        if labels.max(initial=0) > self.classifier.num_classes:
+    @property
+    def image(self) -> np.ndarray:
+        """The image of the first pair (the only one when trained on one image)."""
+        return self.training_set.pairs[0].image
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels snapshot of the first pair, ``(Z, Y, X)``."""
+        return self.training_set.pairs[0].labels
+
+    def set_labels(self, labels: np.ndarray, name: str | None = None) -> None:
+        """Take a new snapshot of a pair's labels (copied; the model is kept).
+
+        ``name`` defaults to the first pair.
+        """
+        name = self.training_set.names[0] if name is None else name
+        pair = self.training_set[name]
+        self.add_pair(name, pair.image, labels)
+
+    def add_pair(self, name: str, image: np.ndarray, labels: np.ndarray) -> None:
+        """Add or replace the pair ``name``; the next step samples it too."""
+        if image.shape[0] != self.classifier.in_channels:
             raise InputError(
-                f"labels use class {labels.max()} but the model has "
-                f"{self.classifier.num_classes} classes"
+                f"{name!r} has {image.shape[0]} channel(s) but the model expects "
+                f"{self.classifier.in_channels}"
             )
+        previous = self.training_set.get(name)
+        self.training_set.add(name, image, labels)
+        try:
+            self._check_set()
+        except InputError:
+            if previous is None:
+                self.training_set.remove(name)
+            else:
+                self.training_set.add(name, previous.image, previous.labels)
+            raise
+        self._fit_feature_scale()
+        self.labels_version += 1
+
+    def _fit_feature_scale(self) -> None:
+        """Fit a fresh model's feature standardisation to the first pair, once."""
+        first = self.training_set.pairs[0]
+        self.classifier.fit_feature_scale(first.image, first.normalization)
+
+    def remove_pair(self, name: str) -> None:
+        """Stop training on the pair ``name``; at least one painted pair must stay."""
+        if name not in self.training_set:
+            return
+        previous = self.training_set[name]
+        self.training_set.remove(name)
+        try:
+            self._check_set()
+        except InputError:
+            self.training_set.add(name, previous.image, previous.labels)
+            raise
+        self.labels_version += 1
+
+    def _check_set(self) -> None:
+        """Refresh the class weights; ``InputError`` if nothing is painted."""
+        counts = self.training_set.counts
         if counts.sum() == 0:
             raise InputError("no painted pixels: paint a few strokes of each class")
-        self.labels = labels
         self.counts = counts
         self.weights = torch.as_tensor(
             class_weights(counts) if self.config.class_balance else (counts > 0) * 1.0,
             dtype=torch.float32,
         )
-        self._painted = [np.argwhere(labels == k) for k in range(1, len(counts) + 1)]
-        self.labels_version += 1
 
     def step(self) -> tuple[float, StepMode]:
         """One optimiser step on a fresh batch; returns the loss and the mode."""
@@ -138,56 +217,49 @@ class Trainer:
         return float(loss.detach()), mode
 
     def choose_mode(self) -> StepMode:
-        """Whole painted slices when they cost fewer pixels than a batch of crops."""
+        """Whole painted slices when they cost fewer pixels than a batch of crops.
+
+        Slices of different sizes are padded to the largest (see :func:`_stack`).
+        """
         halo = self.classifier.halo
-        height, width = self.image.shape[-2:]
+        height, width = self.training_set.largest_slice
         crop_h, crop_w = (
             min(self.config.crop_size, height),
             min(self.config.crop_size, width),
         )
         crops = self.config.batch_size * (crop_h + 2 * halo) * (crop_w + 2 * halo)
-        slices = len(self._painted_slices())
+        slices = len(self.training_set.painted_units)
         whole = slices * (height + 2 * halo) * (width + 2 * halo)
         return "whole" if whole <= crops else "crops"
 
-    def _painted_slices(self) -> np.ndarray:
-        return np.unique(np.concatenate([coords[:, 0] for coords in self._painted]))
-
     def whole_batch(self) -> _Batch:
-        """Every painted slice, whole, with its reflected halo."""
-        height, width = self.image.shape[-2:]
+        """Every painted slice of every pair, whole, with its reflected halo."""
         items = [
-            self._item(int(z), (0, height), (0, width)) for z in self._painted_slices()
+            self._item(pair, z, (0, pair.image.shape[-2]), (0, pair.image.shape[-1]))
+            for pair, z in self.training_set.painted_units
         ]
         return _stack(items)
 
     def crop_batch(self) -> _Batch:
-        """``batch_size`` crops, each around a painted pixel of a random class."""
-        height, width = self.image.shape[-2:]
-        crop_h = min(self.config.crop_size, height)
-        crop_w = min(self.config.crop_size, width)
-        painted = [coords for coords in self._painted if len(coords)]
+        """``batch_size`` crops, balanced across classes and painted slices."""
         items = []
         for _ in range(self.config.batch_size):
-            coords = painted[self.rng.integers(len(painted))]
-            z, row, col = coords[self.rng.integers(len(coords))]
-            r0 = int(np.clip(row - self.rng.integers(crop_h), 0, height - crop_h))
-            c0 = int(np.clip(col - self.rng.integers(crop_w), 0, width - crop_w))
-            items.append(self._item(int(z), (r0, r0 + crop_h), (c0, c0 + crop_w)))
+            crop = self.training_set.sample_crop(self.rng, self.config.crop_size)
+            items.append(self._item(crop.pair, crop.z, crop.rows, crop.cols))
         return _stack(items)
 
     def _item(
-        self, z: int, rows: tuple[int, int], cols: tuple[int, int]
+        self, pair: Pair, z: int, rows: tuple[int, int], cols: tuple[int, int]
     ) -> tuple[np.ndarray, np.ndarray]:
         window = read_window(
-            self.image,
-            self.classifier.normalization,
+            pair.image,
+            pair.normalization,
             z,
             rows,
             cols,
             self.classifier.halo,
         )  # (C, h + 2 halo, w + 2 halo)
-        target = self.labels[z, rows[0] : rows[1], cols[0] : cols[1]]  # (h, w)
+        target = pair.labels[z, rows[0] : rows[1], cols[0] : cols[1]]  # (h, w)
         if self.config.augment:
             window, target = self._augment(window, target)
         return window, target
@@ -209,9 +281,24 @@ class Trainer:
 
 
 def _stack(items: list[tuple[np.ndarray, np.ndarray]]) -> _Batch:
-    windows = torch.from_numpy(np.stack([np.ascontiguousarray(w) for w, _ in items]))
-    targets = torch.from_numpy(np.stack([np.ascontiguousarray(t) for _, t in items]))
-    return _Batch(windows, targets)
+    """Stack windows and targets, padding smaller ones at the bottom and right.
+
+    Padded targets are 0 (unpainted) and a painted pixel's output depends only on
+    its own window's pixels, so padding changes neither the loss nor its gradient.
+    """
+    height = max(t.shape[0] for _, t in items)
+    width = max(t.shape[1] for _, t in items)
+    windows, targets = [], []
+    for window, target in items:
+        pad_h, pad_w = height - target.shape[0], width - target.shape[1]
+        if pad_h or pad_w:
+            window = np.pad(window, ((0, 0), (0, pad_h), (0, pad_w)))
+            target = np.pad(target, ((0, pad_h), (0, pad_w)))
+        windows.append(np.ascontiguousarray(window))
+        targets.append(np.ascontiguousarray(target))
+    return _Batch(
+        torch.from_numpy(np.stack(windows)), torch.from_numpy(np.stack(targets))
+    )
 
 
 def masked_cross_entropy(

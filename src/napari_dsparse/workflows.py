@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
+import glob
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
 
 from napari_dsparse import __version__
 from napari_dsparse.data import (
     InputError,
     Normalization,
+    NormalizationPolicy,
     as_channels_first,
     check_labels,
     check_trainable_image,
     class_counts,
 )
 from napari_dsparse.export import load_classifier, save_classifier
-from napari_dsparse.files import read_array
-from napari_dsparse.large import DEFAULT_MEMORY, Outputs, predict_file, progress_bar
+from napari_dsparse.files import IMAGE_SUFFIXES, read_array
+from napari_dsparse.large import (
+    DEFAULT_MEMORY,
+    Outputs,
+    open_lazy,
+    predict_file,
+    progress_bar,
+)
 from napari_dsparse.model import Classifier, pick_device
 from napari_dsparse.train import TrainConfig, Trainer, iter_train
+from napari_dsparse.training_set import TrainingSet
 
-__all__ = ["predict_files", "train_from_files"]
+__all__ = [
+    "PredictSummary",
+    "expand_images",
+    "predict_files",
+    "predict_many",
+    "train_from_files",
+    "train_from_pairs",
+]
 
 Report = Callable[[str], None]
 DEFAULT_SECONDS = 30.0
@@ -49,13 +69,46 @@ def train_from_files(
     seed: int = 0,
     channel_axis: int | None = None,
     report: Report = _silent,
+    normalization: NormalizationPolicy = "per_image",
 ) -> Classifier:
     """Train on an image and its painted labels; write the model to ``output``."""
-    image = as_channels_first(read_array(image_path), channel_axis)  # (C, Z, Y, X)
-    check_trainable_image(image)
-    labels = check_labels(read_array(labels_path), image.shape[1:])
-    num_classes = int(labels.max())
-    counts = class_counts(labels, num_classes)
+    return train_from_pairs(
+        [(image_path, labels_path)],
+        output,
+        seconds=seconds,
+        steps=steps,
+        preset=preset,
+        device=device,
+        seed=seed,
+        channel_axis=channel_axis,
+        report=report,
+        normalization=normalization,
+    )
+
+
+def train_from_pairs(
+    pairs: Sequence[tuple[str | Path, str | Path]],
+    output: str | Path,
+    seconds: float | None = None,
+    steps: int | None = None,
+    preset: str = "fast",
+    device: str | None = None,
+    seed: int = 0,
+    channel_axis: int | None = None,
+    report: Report = _silent,
+    normalization: NormalizationPolicy = "per_image",
+) -> Classifier:
+    """Train one model on several ``(image, labels)`` files; write it to ``output``.
+
+    Images may differ in size but must have the same channels. ``normalization``
+    is ``"per_image"`` (each image by its own percentiles, also at prediction) or
+    ``"fixed"`` (the percentiles of all training images pooled, for every image).
+    """
+    if not pairs:
+        raise InputError("give at least one image and its labels")
+    loaded = [_read_pair(image, labels, channel_axis) for image, labels in pairs]
+    num_classes = max(int(labels.max()) for _, labels in loaded)
+    counts = sum(class_counts(labels, num_classes) for _, labels in loaded)
     if (counts > 0).sum() < 2:
         raise InputError(
             "fewer than two classes are painted; paint strokes of at least two "
@@ -65,24 +118,54 @@ def train_from_files(
         seconds = DEFAULT_SECONDS
     target = _device(device)
     classifier = Classifier.create(
-        image.shape[0],
+        loaded[0][0].shape[0],
         tuple(f"class {k}" for k in range(1, num_classes + 1)),
-        Normalization.from_image(image),
+        Normalization.from_images([image for image, _ in loaded], policy=normalization),
         preset=preset,
         seed=seed,
     ).to(target)
+    names = _pair_names([Path(image) for image, _ in pairs])
     classifier.provenance.update(
-        seed=seed, package_version=__version__, image=Path(image_path).name
+        seed=seed,
+        package_version=__version__,
+        image=names[0],
+        images=names,
     )
+    training_set = TrainingSet(classifier.normalization, num_classes)
+    for name, (image, labels) in zip(names, loaded, strict=True):
+        training_set.add(name, image, labels)
     report(
-        f"training {classifier.preset.name} (P = {classifier.patch_size}) on {target}: "
-        f"painted pixels per class {counts.tolist()}"
+        f"training {classifier.preset.name} (P = {classifier.patch_size}) on {target} "
+        f"from {len(loaded)} image(s): painted pixels per class {counts.tolist()}"
     )
-    trainer = Trainer(classifier, image, labels, TrainConfig(seed=seed))
+    trainer = Trainer.from_set(classifier, training_set, TrainConfig(seed=seed))
     _drive(iter_train(trainer, steps=steps, seconds=seconds), report)
     save_classifier(classifier, output)
     report(f"wrote {output}")
     return classifier
+
+
+def _read_pair(
+    image_path: str | Path, labels_path: str | Path, channel_axis: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    image = as_channels_first(read_array(image_path), channel_axis)  # (C, Z, Y, X)
+    check_trainable_image(image)
+    try:
+        labels = check_labels(read_array(labels_path), image.shape[1:])
+    except InputError as error:
+        raise InputError(f"{labels_path}: {error}") from error
+    return image, labels
+
+
+def _pair_names(images: Sequence[Path]) -> list[str]:
+    """File names, made unique with a number where two images share one."""
+    names: list[str] = []
+    for image in images:
+        name, number = image.name, 2
+        while name in names:
+            name, number = f"{image.name} ({number})", number + 1
+        names.append(name)
+    return names
 
 
 def _drive(statuses, report: Report, every: float = 1.0) -> None:
@@ -115,36 +198,33 @@ def predict_files(
 ) -> list[Path]:
     """Predict each image with the model; returns the class files written.
 
-    Images of any size are read lazily and predicted tile by tile within ``memory``
-    bytes (see :mod:`napari_dsparse.large`); ``scheduler`` (``"local"`` or an
-    address) runs the tiles on a dask cluster.
+    :func:`predict_many` without its summary: ``InputError`` (the first file's
+    reason) if any image failed, after the others were predicted.
     """
-    classifier = load_classifier(model_path, _device(device))
-    targets = _output_paths(image_paths, Path(output))
-    outputs = Outputs(probabilities=probabilities, uncertainty=uncertainty)
-    written = []
-    for image_path, classes_path in zip(image_paths, targets, strict=True):
-        with progress_bar(Path(image_path).name, show_progress) as progress:
-            paths = predict_file(
-                classifier,
-                image_path,
-                classes_path,
-                outputs,
-                memory=memory,
-                channel_axis=channel_axis,
-                progress=progress,
-                scheduler=scheduler,
-            )
-        written.append(paths[0])
-        report(f"{image_path} -> {classes_path}")
-    return written
+    summary = predict_many(
+        model_path,
+        image_paths,
+        output,
+        probabilities=probabilities,
+        uncertainty=uncertainty,
+        device=device,
+        channel_axis=channel_axis,
+        progress=show_progress,
+        memory=memory,
+        scheduler=scheduler,
+    )
+    for path in summary.written:
+        report(f"wrote {path}")
+    if summary.failed:
+        raise InputError(summary.failed[0][1])
+    return summary.written
 
 
 def _output_paths(images: Sequence[str | Path], output: Path) -> list[Path]:
     """One .tif for a single image, else ``output/<image stem>.tif`` for each."""
     if len(images) == 1 and output.suffix.lower() in (".tif", ".tiff", ".zarr"):
         return [output]
-    if output.suffix.lower() in (".tif", ".tiff"):
+    if output.suffix.lower() in (".tif", ".tiff", ".zarr"):
         raise InputError(
             f"{len(images)} images need an output folder, not the file {output}"
         )
@@ -156,3 +236,127 @@ def _output_paths(images: Sequence[str | Path], output: Path) -> list[Path]:
     if len(set(stems)) < len(stems):
         raise InputError("two input images share a file name; outputs would collide")
     return [output / f"{stem}.tif" for stem in stems]
+
+
+@dataclass
+class PredictSummary:
+    """What :func:`predict_many` did: outputs written, files that failed, figures."""
+
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
+    pixels: int = 0  # pixels predicted (all slices) in the files written
+    seconds: float = 0.0
+
+    @property
+    def files(self) -> int:
+        return len(self.written) + len(self.failed)
+
+    def text(self) -> str:
+        """A few lines for the terminal: totals, then one line per failed file."""
+        rate = self.pixels / self.seconds / 1e6 if self.seconds > 0 else 0.0
+        lines = [
+            f"{self.files} file(s): {len(self.written)} predicted, "
+            f"{len(self.failed)} failed; {self.pixels:,} pixels in "
+            f"{self.seconds:.1f} s ({rate:.2f} Mpx/s)"
+        ]
+        lines += [f"failed: {path}: {reason}" for path, reason in self.failed]
+        return "\n".join(lines)
+
+
+def expand_images(sources: Sequence[str | Path]) -> list[Path]:
+    """Images named by ``sources``: files, zarr stores, folders or glob patterns.
+
+    A folder gives its images (files with an image suffix and ``.zarr`` stores),
+    sorted; a pattern with ``*``, ``?`` or ``[`` gives its sorted matching images. A
+    name that is none of these is kept, so that it is reported as missing.
+    ``InputError`` if nothing is left.
+    """
+    images: list[Path] = []
+    for source in map(str, sources):
+        path = Path(source)
+        if path.is_dir() and not _is_zarr(path):
+            images += sorted(p for p in path.iterdir() if _is_image(p))
+        elif not path.exists() and any(c in source for c in "*?["):
+            images += sorted(Path(p) for p in glob.glob(source) if _is_image(Path(p)))
+        else:
+            images.append(path)
+    if not images:
+        raise InputError(f"no image files in {', '.join(map(str, sources))}")
+    return list(dict.fromkeys(images))  # each file once, in order
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.name.lower().endswith(".zarr")
+
+
+def _is_image(path: Path) -> bool:
+    """An image file (by suffix) or a zarr store (a folder ending in ``.zarr``)."""
+    if path.is_dir():
+        return _is_zarr(path)
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def predict_many(
+    model_path: str | Path,
+    sources: Sequence[str | Path],
+    output: str | Path,
+    probabilities: bool = False,
+    uncertainty: bool = False,
+    device: str | None = None,
+    channel_axis: int | None = None,
+    progress: bool = True,
+    memory: int = DEFAULT_MEMORY,
+    scheduler: str | None = None,
+) -> PredictSummary:
+    """Predict every image of ``sources`` (files, folders, globs) into ``output``.
+
+    Each image goes through :func:`napari_dsparse.large.predict_file`: read lazily,
+    predicted tile by tile within ``memory`` bytes (or on the dask cluster
+    ``scheduler``), normalised as the model's policy says. Progress bars on stderr
+    (``progress=False`` hides them): one over the files when there are several, and
+    one over the tiles of the file being predicted. A file that cannot be read,
+    predicted or written (``InputError``) is skipped, gets no output and is listed
+    in the summary's ``failed``; the others go on.
+    """
+    start = time.perf_counter()
+    classifier = load_classifier(model_path, _device(device))
+    images = expand_images(sources)
+    targets = _output_paths(images, Path(output))
+    outputs = Outputs(probabilities=probabilities, uncertainty=uncertainty)
+    summary = PredictSummary()
+    bar = tqdm(
+        total=len(images),
+        unit="file",
+        desc="predict",
+        disable=not progress or len(images) == 1,
+    )
+    with bar:
+        for image_path, classes_path in zip(images, targets, strict=True):
+            bar.set_postfix_str(image_path.name, refresh=False)
+            try:
+                with progress_bar(image_path.name, progress) as tiles:
+                    predict_file(
+                        classifier,
+                        image_path,
+                        classes_path,
+                        outputs,
+                        memory=memory,
+                        channel_axis=channel_axis,
+                        progress=tiles,
+                        scheduler=scheduler,
+                    )
+                pixels = _pixels(image_path, channel_axis)
+            except InputError as error:
+                summary.failed.append((image_path, str(error)))
+            else:
+                summary.written.append(classes_path)
+                summary.pixels += pixels
+            bar.update()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _pixels(image_path: Path, channel_axis: int | None) -> int:
+    """Pixels of every slice of an image file (its shape only, read lazily)."""
+    image = as_channels_first(open_lazy(image_path), channel_axis)
+    return int(np.prod(image.shape[1:]))

@@ -283,10 +283,10 @@ def test_out_of_memory_while_applying_uses_smaller_tiles(
     viewer.layers.remove("other prediction")
     original = faults.predict_box
 
-    def small_tiles_only(classifier, image, box):
+    def small_tiles_only(classifier, image, box, normalization=None):
         if (box.r1 - box.r0) * (box.c1 - box.c0) > 40 * 40:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return original(classifier, image, box)
+        return original(classifier, image, box, normalization)
 
     monkeypatch.setattr(faults, "predict_box", small_tiles_only)
     with qtbot.waitSignal(widget.apply_to_layer(other).finished, timeout=30_000):

@@ -1,0 +1,207 @@
+"""Command line with several images: train on pairs, predict folders and globs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_dsparse.cli import main
+from napari_dsparse.export import load_classifier
+from napari_dsparse.samples import coins_sample
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    """Two crops of the coins sample of different sizes, with labels; one as .npy."""
+    image, labels = coins_sample()
+    labels = labels.copy()
+    labels[60:63, 40:60] = 2
+    first = (image[:96, :128], labels[:96, :128])
+    second = (image[100:160, 150:300], labels[100:160, 150:300])
+    tifffile.imwrite(tmp_path / "a.tif", first[0])
+    np.save(tmp_path / "a_labels.npy", first[1])
+    np.save(tmp_path / "b.npy", second[0])
+    tifffile.imwrite(tmp_path / "b_labels.tif", second[1])
+    return tmp_path
+
+
+@pytest.fixture
+def model(pairs, capsys):
+    path = pairs / "model.pt"
+    code, _, _ = run(
+        capsys,
+        "train",
+        pairs / "a.tif",
+        pairs / "a_labels.npy",
+        "-o",
+        path,
+        "--steps",
+        "2",
+    )
+    assert code == 0
+    return path
+
+
+def test_train_on_pairs_of_different_sizes(pairs, capsys) -> None:
+    model = pairs / "model.pt"
+    code, out, err = run(
+        capsys,
+        "train",
+        "--pair",
+        pairs / "a.tif",
+        pairs / "a_labels.npy",
+        "--pair",
+        pairs / "b.npy",
+        pairs / "b_labels.tif",
+        "-o",
+        model,
+        "--steps",
+        "3",
+    )
+    assert code == 0, err
+    assert "from 2 image(s)" in out
+    classifier = load_classifier(model)
+    assert classifier.provenance["images"] == ["a.tif", "b.npy"]
+    assert classifier.normalization.policy == "per_image"
+
+
+def test_single_form_and_pairs_combine_and_fixed_normalization(pairs, capsys) -> None:
+    model = pairs / "model.pt"
+    code, out, _ = run(
+        capsys,
+        "train",
+        pairs / "a.tif",
+        pairs / "a_labels.npy",
+        "--pair",
+        pairs / "b.npy",
+        pairs / "b_labels.tif",
+        "--normalization",
+        "fixed",
+        "-o",
+        model,
+        "--steps",
+        "1",
+    )
+    assert code == 0 and "from 2 image(s)" in out
+    assert load_classifier(model).normalization.policy == "fixed"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("a.tif",), "labels file too"),
+        ((), "IMAGE LABELS"),
+        (
+            ("--pair", "a.tif", "a_labels.npy", "--pair", "rgb.tif", "a_labels.npy"),
+            "same channels",
+        ),
+    ],
+)
+def test_bad_pairs_are_one_line_and_exit_2(pairs, capsys, argv, message) -> None:
+    rgb = np.stack([tifffile.imread(pairs / "a.tif")] * 3, axis=-1)
+    tifffile.imwrite(pairs / "rgb.tif", rgb)
+    argv = [pairs / a if "." in a else a for a in argv]
+    code, _, err = run(capsys, "train", *argv, "-o", pairs / "m.pt", "--steps", "1")
+    assert code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1 and not (pairs / "m.pt").exists()
+
+
+def test_predict_a_folder_skips_unreadable_files_and_exits_1(
+    pairs, model, capsys
+) -> None:
+    folder = pairs / "inputs"
+    folder.mkdir()
+    first = tifffile.imread(pairs / "a.tif")
+    tifffile.imwrite(folder / "one.tif", first)
+    np.save(folder / "two.npy", np.load(pairs / "b.npy"))
+    (folder / "broken.tif").write_bytes(b"not a tiff at all")
+    (folder / "notes.txt").write_text("not an image")
+    code, out, err = run(capsys, "predict", model, folder, "-o", pairs / "results")
+    assert code == 1
+    written = sorted(p.name for p in (pairs / "results").iterdir())
+    assert written == ["one.tif", "two.tif"]
+    assert tifffile.imread(pairs / "results" / "two.tif").shape == (60, 150)
+    pixels = first.size + 60 * 150
+    assert f"3 file(s): 2 predicted, 1 failed; {pixels:,} pixels" in out
+    assert "failed:" in out and "broken.tif" in out
+    assert "predict" in err  # the progress bar
+
+
+def test_predict_a_glob_pattern(pairs, model, capsys) -> None:
+    code, out, _ = run(
+        capsys, "predict", model, str(pairs / "*.npy"), "-o", pairs / "results"
+    )
+    assert code == 0
+    # a_labels.npy and b.npy match the pattern; a_labels is an image of 0/1/2 values
+    assert sorted(p.name for p in (pairs / "results").iterdir()) == [
+        "a_labels.tif",
+        "b.tif",
+    ]
+    assert "2 file(s): 2 predicted, 0 failed" in out
+
+
+def test_predict_nothing_matching_is_exit_2(pairs, model, capsys) -> None:
+    code, _, err = run(
+        capsys, "predict", model, str(pairs / "*.czi"), "-o", pairs / "results"
+    )
+    assert code == 2 and "no image files" in err
+
+
+def test_predict_a_folder_in_small_tiles_equals_whole_image_prediction(
+    pairs, model, capsys
+) -> None:
+    """--memory tiles every file (zarr stores too); --quiet hides the progress."""
+    import zarr
+
+    from napari_dsparse.data import as_channels_first
+    from napari_dsparse.predict import predict_proba
+
+    folder = pairs / "inputs"
+    folder.mkdir()
+    first = tifffile.imread(pairs / "a.tif")
+    second = np.load(pairs / "b.npy") * 2 + 40  # its own brightness: per image
+    tifffile.imwrite(folder / "one.tif", first, tile=(32, 32))
+    zarr.create_array(str(folder / "two.zarr"), data=second, chunks=(16, 64))
+    code, out, err = run(
+        capsys,
+        *("predict", model, folder, "-o", pairs / "results"),
+        *("--memory", "4MB", "--quiet", "--probabilities"),
+    )
+    assert code == 0 and err == "", err
+    assert "2 file(s): 2 predicted, 0 failed" in out
+    classifier = load_classifier(model)
+    for name, image in (("one", first), ("two", second)):
+        proba = predict_proba(classifier, as_channels_first(image), tile=4096)
+        written = tifffile.imread(pairs / "results" / f"{name}_probabilities.tif")
+        np.testing.assert_allclose(written, proba[:, 0], atol=1e-5)
+        classes = tifffile.imread(pairs / "results" / f"{name}.tif")
+        np.testing.assert_array_equal(classes, proba.argmax(0)[0] + 1)
+
+
+def test_predict_one_file_shows_its_tiles_progress(pairs, model, capsys) -> None:
+    code, out, err = run(
+        capsys,
+        *("predict", model, pairs / "b.npy", "-o", pairs / "b_classes.tif"),
+        *("--memory", "4MB"),
+    )
+    assert code == 0 and "1 file(s): 1 predicted" in out
+    assert "b.npy" in err and "tile" in err  # the per-file bar, no files bar
+    assert "file/s" not in err and "predict:" not in err
+
+
+def test_predict_files_raises_the_first_failure_after_the_others(pairs, model) -> None:
+    from napari_dsparse.data import InputError
+    from napari_dsparse.workflows import predict_files
+
+    (pairs / "broken.tif").write_bytes(b"not a tiff")
+    with pytest.raises(InputError, match=r"broken\.tif"):
+        predict_files(model, [pairs / "broken.tif", pairs / "b.npy"], pairs / "out")
+    assert [p.name for p in (pairs / "out").iterdir()] == ["b.tif"]
+    assert predict_files(model, [pairs / "b.npy"], pairs / "b.tif") == [pairs / "b.tif"]
