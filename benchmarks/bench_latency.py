@@ -20,6 +20,7 @@ update -> whole 1024² image <= 2 s.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -196,14 +197,6 @@ def format_tables(core: list[CoreTimes], live: list[LiveTimes]) -> str:
     return "\n".join(lines)
 
 
-def load_average() -> str:
-    """The 1-minute load average (Linux), to tell a quiet machine from a busy one."""
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "n/a"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run")
@@ -211,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=TORCH_THREADS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    load_before = load_average()
+    load_before = f"{os.getloadavg()[0]:.2f}"
     seconds, repeats = (3.0, 3) if args.quick else (15.0, 10)
     core, live = [], []
     for size in (512, 1024):
@@ -221,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"torch {torch.__version__}, {args.threads} threads, preset "
         f"{DEFAULT_PRESET}; medians of {repeats} label updates; 1-min load "
-        f"average {load_before} before, {load_average()} after\n"
+        f"average {load_before} before, {os.getloadavg()[0]:.2f} after\n"
     )
     print(format_tables(core, live))
 

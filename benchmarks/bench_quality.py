@@ -25,6 +25,7 @@ checkpoint and for the forest fitted on the same painted pixels.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from sklearn.ensemble import RandomForestClassifier
 sys.path.insert(0, str(Path(__file__).parent))
 
 from napari_dsparse.data import Normalization, as_channels_first
+from napari_dsparse.demo import mean_iou  # truths hold classes 1..K
 from napari_dsparse.model import Classifier
 from napari_dsparse.predict import labels_and_uncertainty, predict_proba
 from napari_dsparse.scribbles import correction_strokes, initial_strokes
@@ -75,15 +77,6 @@ class Result:
     steps_per_second: float = 0.0
     predict_seconds: float = 0.0  # whole-image prediction, median
     painted_after: tuple[float, float] = (0.0, 0.0)  # ours, forest after corrections
-
-
-def mean_iou(truth: np.ndarray, prediction: np.ndarray) -> float:
-    """Mean over classes present in ``truth`` of intersection over union."""
-    ious = []
-    for k in np.unique(truth[truth > 0]):
-        true_k, pred_k = truth == k, prediction == k
-        ious.append((true_k & pred_k).sum() / (true_k | pred_k).sum())
-    return float(np.mean(ious))
 
 
 class Forest:
@@ -365,18 +358,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     return args, settings
 
 
-def load_average() -> str:
-    """The 1-minute load average (Linux), to tell a quiet machine from a busy one."""
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "n/a"
-
-
 def main(argv: list[str] | None = None) -> None:
     args, settings = parse_args(argv)
     torch.set_num_threads(args.threads)
-    load_before = load_average()
+    load_before = f"{os.getloadavg()[0]:.2f}"
     results, multi = [], []
     for name in args.tasks or [*TASKS, MULTI_IMAGE]:
         print(f"running {name} ...", file=sys.stderr, flush=True)
@@ -389,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{settings.preset}, seed {settings.seed}; corrections: "
         f"{CORRECTION_STROKES} strokes per round, ours warm-starts "
         f"{settings.round_seconds:g} s per round, RF refits; 1-min load average "
-        f"{load_before} before, {load_average()} after\n"
+        f"{load_before} before, {os.getloadavg()[0]:.2f} after\n"
     )
     if results:
         print(format_table(results, settings))

@@ -1,0 +1,139 @@
+"""Training variants at equal step counts: what moves mean IoU, free of machine load.
+
+``bench_quality.py`` measures quality per second of wall-clock time, which a busy
+machine distorts. This script counts optimiser steps instead (330 steps are about
+30 s of the default preset on 2 quiet CPU cores), trains one variant of the
+training recipe on the same scribbles as ``bench_quality.py`` and prints mean IoU at
+each step count next to the random forest's, plus CPU milliseconds per step.
+
+    .venv/bin/python benchmarks/bench_training.py                     # the defaults
+    .venv/bin/python benchmarks/bench_training.py --ema 0.95          # averaged weights
+    .venv/bin/python benchmarks/bench_training.py --no-standardize --lr 3e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_quality import STROKES_PER_CLASS, Forest, mean_iou
+from napari_dsparse.data import Normalization, as_channels_first
+from napari_dsparse.model import Classifier
+from napari_dsparse.nets import PRESETS
+from napari_dsparse.predict import labels_and_uncertainty, predict_proba
+from napari_dsparse.scribbles import initial_strokes
+from napari_dsparse.train import TrainConfig, Trainer
+from tasks import TASKS, make_task
+
+
+class WeightAverage:
+    """Exponential moving average of a network's weights, swapped in to predict."""
+
+    def __init__(self, net: torch.nn.Module, decay: float) -> None:
+        self.net, self.decay = net, decay
+        self.average = copy.deepcopy(net.state_dict())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, value in self.net.state_dict().items():
+            if value.dtype.is_floating_point:
+                self.average[name].lerp_(value, 1 - self.decay)
+
+    def predict(self, predict: Callable[[], np.ndarray]) -> np.ndarray:
+        """``predict()`` with the averaged weights in place of the live ones."""
+        live = copy.deepcopy(self.net.state_dict())
+        self.net.load_state_dict(self.average)
+        try:
+            return predict()
+        finally:
+            self.net.load_state_dict(live)
+
+
+def run_variant(name: str, args: argparse.Namespace) -> str:
+    task = make_task(name)
+    image = as_channels_first(task.image, task.channel_axis)
+    rng = np.random.default_rng(args.seed)
+    labels = initial_strokes(task.truth, rng, strokes_per_class=STROKES_PER_CLASS)
+    preset = replace(PRESETS[args.preset], standardize=not args.no_standardize)
+    classifier = Classifier.create(
+        image.shape[0],
+        task.class_names,
+        Normalization.from_image(image),
+        preset=preset,
+        seed=args.seed,
+    )
+    config = TrainConfig(
+        learning_rate=args.lr,
+        batch_size=args.batch,
+        crop_size=args.crop,
+        class_balance=not args.no_balance,
+        seed=args.seed,
+    )
+    trainer = Trainer(classifier, image, labels, config)
+    average = WeightAverage(classifier.patch_net, args.ema) if args.ema else None
+    ious, done, cpu = [], 0, 0.0
+    for target in args.steps:
+        tick = time.process_time()
+        while done < target:
+            trainer.step()
+            done += 1
+            if average is not None:
+                average.update()
+        cpu += time.process_time() - tick
+        predict = partial(predict_proba, classifier, image)
+        proba = average.predict(predict) if average else predict()
+        classes, _ = labels_and_uncertainty(proba)
+        ious.append(mean_iou(task.truth, classes[0]))
+    forest_prediction, _ = Forest(task, args.seed).fit_predict(labels)
+    cells = [name, *(f"{iou:.3f}" for iou in ious)]
+    cells += [
+        f"{mean_iou(task.truth, forest_prediction):.3f}",
+        f"{1e3 * cpu / done:.0f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=list(TASKS),
+        default=["membranes", "ihc-rgb", "blobs"],
+    )
+    parser.add_argument("--steps", nargs="+", type=int, default=[200, 330, 660])
+    parser.add_argument("--preset", default="fast", choices=list(PRESETS))
+    parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
+    parser.add_argument("--batch", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--crop", type=int, default=TrainConfig.crop_size)
+    parser.add_argument("--ema", type=float, default=0.0, help="weight average decay")
+    parser.add_argument("--no-standardize", action="store_true")
+    parser.add_argument("--no-balance", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(" ".join(sys.argv[1:]) or "(defaults)")
+    header = ["task", *(f"ours {s} steps" for s in args.steps), "RF", "CPU ms/step"]
+    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    for name in args.tasks:
+        print(run_variant(name, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()
