@@ -60,9 +60,12 @@ def paint_stroke(layer, truth: np.ndarray, rng: np.random.Generator) -> None:
     layer.refresh()
 
 
-def run(size: int, seconds: float, stroke_every: float) -> dict[str, float]:
+def open_live_viewer(size: int):
+    """A viewer with the synthetic image, the widget docked and six strokes painted.
+
+    Returns ``(viewer, widget, scribbles, truth, rng)``; training is not started.
+    """
     import napari
-    from qtpy.QtWidgets import QApplication
 
     from napari_dsparse._widget import DsparseWidget
 
@@ -77,7 +80,12 @@ def run(size: int, seconds: float, stroke_every: float) -> dict[str, float]:
     rng = np.random.default_rng(1)
     for _ in range(6):
         paint_stroke(scribbles, truth, rng)
-    shown: list[tuple[float, int]] = []  # (time redrawn, newest labels version)
+    return viewer, widget, scribbles, truth, rng
+
+
+def record_redraws(widget) -> list[tuple[float, int]]:
+    """A list that gets (time, newest labels version shown) at every redraw."""
+    shown: list[tuple[float, int]] = []
     written = [0]
     original_show = widget._show_update
 
@@ -89,6 +97,14 @@ def run(size: int, seconds: float, stroke_every: float) -> dict[str, float]:
     widget._refresh_timer.timeout.connect(
         lambda: shown.append((time.perf_counter(), written[0]))
     )
+    return shown
+
+
+def run(size: int, seconds: float, stroke_every: float) -> dict[str, float]:
+    from qtpy.QtWidgets import QApplication
+
+    viewer, widget, scribbles, truth, rng = open_live_viewer(size)
+    shown = record_redraws(widget)
     widget.start()
     while not shown:  # the first update: model built, first round trained
         QApplication.processEvents()

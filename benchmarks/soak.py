@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_ui import paint_stroke, synthetic_image
+from bench_ui import open_live_viewer, paint_stroke, record_redraws
 
 RSS_GROWTH_MB = 50.0
 WARM_UP_SECONDS = 60.0
@@ -37,34 +38,11 @@ def _sample(process: psutil.Process, start: float) -> tuple[float, float, int]:
 
 
 def run(size: int, seconds: float, stroke_every: float, sample_every: float) -> dict:
-    import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_dsparse._widget import DsparseWidget
-
     process = psutil.Process()
-    image, truth = synthetic_image(size)
-    viewer = napari.Viewer()
-    viewer.add_image(image, name="image")
-    widget = DsparseWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget.add_scribbles_button.clicked.emit()
-    scribbles = widget.scribble_picker.value
-    scribbles.brush_size = 3
-    rng = np.random.default_rng(1)
-    for _ in range(6):
-        paint_stroke(scribbles, truth, rng)
-    shown, written = [], [0]  # (time redrawn, newest labels version shown)
-    original_show = widget._show_update
-
-    def record_write(update) -> None:
-        original_show(update)
-        written[0] = max(written[0], update.labels_version)
-
-    widget._show_update = record_write
-    widget._refresh_timer.timeout.connect(
-        lambda: shown.append((time.perf_counter(), written[0]))
-    )
+    viewer, widget, scribbles, truth, rng = open_live_viewer(size)
+    shown = record_redraws(widget)
     threads_before = process.num_threads()
     widget.start()
     start = time.perf_counter()
@@ -104,6 +82,7 @@ def run(size: int, seconds: float, stroke_every: float, sample_every: float) -> 
         "steps": steps,
         "threads_before": threads_before,
         "threads_after_close": process.num_threads(),
+        "python_threads_after_close": [t.name for t in threading.enumerate()],
         "stopped_after_close": stopped,
         "seconds": seconds,
     }
@@ -170,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for target, met in verdicts(summary).items():
         print(f"target {target}: {'met' if met else 'MISSED'}")
+    names = ", ".join(result["python_threads_after_close"])
+    print(f"Python threads after closing the viewer: {names}")
     return 0
 
 
