@@ -223,3 +223,16 @@ def test_the_policy_is_stored_with_the_model(make_classifier, gray_image, tmp_pa
     assert Normalization.from_dict(old).policy == "fixed"
     with pytest.raises(InputError, match="policy"):
         Normalization((0.0,), (1.0,), "per_slice")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64])
+def test_labels_are_copied_once_so_later_paint_does_not_leak_in(dtype) -> None:
+    image = as_channels_first(np.zeros((6, 7), np.float32))
+    labels = np.zeros((6, 7), dtype)
+    labels[1, 1], labels[4, 5] = 1, 2
+    training_set = TrainingSet(Normalization.from_image(image), num_classes=2)
+    pair = training_set.add("a", image, labels)
+    labels[2, 2] = 1  # the user paints on after the snapshot
+    assert pair.labels[0, 2, 2] == 0
+    assert not np.may_share_memory(pair.labels, labels)
+    assert pair.image is image  # images are never copied

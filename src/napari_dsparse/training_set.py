@@ -102,7 +102,10 @@ class TrainingSet:
                 f"{name!r} has {image.shape[0]} channel(s) but the training set's "
                 f"images have {others.pop()}: all images must have the same channels"
             )
-        labels = check_labels(np.array(labels, copy=True), image.shape[1:])
+        checked = check_labels(labels, image.shape[1:])  # int64: a copy unless it was
+        if np.may_share_memory(checked, labels):  # copy once: the layer may change
+            checked = checked.copy()
+        labels = checked
         if labels.max(initial=0) > self.num_classes:
             raise InputError(
                 f"labels of {name!r} use class {labels.max()} but the model has "
