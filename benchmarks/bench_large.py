@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -56,19 +57,22 @@ class Run:
 
 def write_image(path: Path, size: int, seed: int = 0) -> None:
     """Blobs on a noisy background, tile by tile (never the whole image in memory)."""
+    _write_tiled(path, size, np.uint16, partial(_blob_tile, seed))
+
+
+def _write_tiled(path: Path, size: int, dtype, tile_at) -> None:
+    """A tiled zlib BigTIFF of ``size``², filled by ``tile_at(r0, c0, h, w)``."""
 
     def tiles():
         for r0 in range(0, size, TILE):
             for c0 in range(0, size, TILE):
-                yield _blob_tile(
-                    seed, r0, c0, min(TILE, size - r0), min(TILE, size - c0)
-                )
+                yield tile_at(r0, c0, min(TILE, size - r0), min(TILE, size - c0))
 
     tifffile.imwrite(
         path,
         data=tiles(),
         shape=(size, size),
-        dtype=np.uint16,
+        dtype=dtype,
         tile=(TILE, TILE),
         compression="zlib",
         bigtiff=True,
@@ -96,23 +100,11 @@ def write_labels(path: Path, image_path: Path, size: int) -> None:
         labels[rows][tile[rows] < 1300] = 1
         painted[(r0, c0)] = labels
 
-    def tiles():
-        for r0 in range(0, size, TILE):
-            for c0 in range(0, size, TILE):
-                shape = (min(TILE, size - r0), min(TILE, size - c0))
-                yield painted.get((r0, c0), np.zeros(shape, np.uint8))[
-                    : shape[0], : shape[1]
-                ]
+    def tile_at(r0: int, c0: int, height: int, width: int) -> np.ndarray:
+        blank = np.zeros((height, width), np.uint8)
+        return painted.get((r0, c0), blank)[:height, :width]
 
-    tifffile.imwrite(
-        path,
-        data=tiles(),
-        shape=(size, size),
-        dtype=np.uint8,
-        tile=(TILE, TILE),
-        compression="zlib",
-        bigtiff=True,
-    )
+    _write_tiled(path, size, np.uint8, tile_at)
 
 
 def measure(what: str, command: list[str], threads: int) -> Run:

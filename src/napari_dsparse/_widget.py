@@ -70,6 +70,22 @@ UNCERTAINTY_SUFFIX = " uncertainty"
 AUTOSAVE_PATH = Path.home() / ".napari-dsparse" / f"autosave{SESSION_SUFFIX}"
 
 
+def _check_pair(
+    image: napari.layers.Image | None, scribbles: napari.layers.Labels | None
+) -> bool:
+    """``InputError`` unless the scribbles fit the image; returns ``multichannel``."""
+    if image is None or scribbles is None:
+        raise InputError("pick an image and a scribble layer first")
+    multichannel = _is_multichannel(image, scribbles)
+    spatial = _spatial_shape(image, multichannel)
+    if tuple(scribbles.data.shape) != spatial:
+        raise InputError(
+            f"the scribble layer's shape {scribbles.data.shape} differs from the "
+            f"image's {spatial}"
+        )
+    return multichannel
+
+
 def _is_multichannel(image: napari.layers.Image, scribbles) -> bool:
     """A layer whose first axis holds channels: the scribbles cover the other axes."""
     return scribbles is not None and _channels_first_for(image, scribbles.data.shape)
@@ -311,14 +327,7 @@ class DsparseWidget(Container):
     def _ensure_session(self) -> LiveSession:
         image = self.image_picker.value
         scribbles = self.scribble_picker.value
-        if image is None or scribbles is None:
-            raise InputError("pick an image and a scribble layer first")
-        multichannel = _is_multichannel(image, scribbles)
-        if tuple(scribbles.data.shape) != _spatial_shape(image, multichannel):
-            raise InputError(
-                f"the scribble layer's shape {scribbles.data.shape} differs from the "
-                f"image's {_spatial_shape(image)}"
-            )
+        multichannel = _check_pair(image, scribbles)
         if self._image_replaced and self._session_image is image and self._session:
             self._take_new_pixels(image, multichannel)
         if (
@@ -483,14 +492,7 @@ class DsparseWidget(Container):
         Every slice or time point of a stack with strokes counts as one pair of the
         set; the image is not copied.
         """
-        if image is None or scribbles is None:
-            raise InputError("pick an image and a scribble layer first")
-        multichannel = _is_multichannel(image, scribbles)
-        if tuple(scribbles.data.shape) != _spatial_shape(image, multichannel):
-            raise InputError(
-                f"the scribble layer's shape {scribbles.data.shape} differs from "
-                f"the image's {_spatial_shape(image)}"
-            )
+        multichannel = _check_pair(image, scribbles)
         array = image_array(image, multichannel)
         others = {a.shape[0] for n, a in self._pair_arrays.items() if n != image.name}
         if self._session is not None and self._session.classifier is not None:
