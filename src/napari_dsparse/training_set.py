@@ -160,10 +160,6 @@ class TrainingSet:
         first = next(iter(self._pairs.values()), None)
         return None if first is None else first.image.shape[0]
 
-    def pair_counts(self, name: str) -> np.ndarray:
-        """Painted pixels per class 1..K of the pair ``name``."""
-        return class_counts(self._pairs[name].labels, self.num_classes)
-
     # -- sampling -------------------------------------------------------------------
 
     def _refresh(self) -> None:
