@@ -66,6 +66,10 @@ def run_variant(name: str, args: argparse.Namespace) -> str:
     rng = np.random.default_rng(args.seed)
     labels = initial_strokes(task.truth, rng, strokes_per_class=STROKES_PER_CLASS)
     preset = replace(PRESETS[args.preset], standardize=not args.no_standardize)
+    if args.scales:
+        preset = replace(preset, filter_scales=tuple(args.scales))
+    if args.filter_size:
+        preset = replace(preset, filter_size=args.filter_size)
     classifier = Classifier.create(
         image.shape[0],
         task.class_names,
@@ -119,6 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crop", type=int, default=TrainConfig.crop_size)
     parser.add_argument("--ema", type=float, default=0.0, help="weight average decay")
     parser.add_argument("--no-standardize", action="store_true")
+    parser.add_argument(
+        "--scales", nargs="+", type=float, help="Gaussian sigmas of the filter bank"
+    )
+    parser.add_argument("--filter-size", type=int, help="odd filter-bank support")
     parser.add_argument("--no-balance", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
