@@ -21,17 +21,17 @@ def _few_threads() -> None:
 
 
 def _make_classifier(
-    image: np.ndarray, num_classes: int = 2, seed: int = 0
+    image: np.ndarray, num_classes: int = 2, seed: int = 0, preset: str = "fast"
 ) -> Classifier:
     names = tuple(f"class {k}" for k in range(1, num_classes + 1))
     return Classifier.create(
-        image.shape[0], names, Normalization.from_image(image), seed=seed
+        image.shape[0], names, Normalization.from_image(image), preset, seed=seed
     )
 
 
 @pytest.fixture
 def make_classifier():
-    """Factory: a fresh ``fast`` classifier for a ``(C, Z, Y, X)`` image."""
+    """Factory: a fresh classifier (``fast`` unless told) for a (C, Z, Y, X) image."""
     return _make_classifier
 
 

@@ -30,8 +30,11 @@ def image(rng) -> np.ndarray:
     return as_channels_first(rng.integers(0, 4000, (33, 29), dtype=np.uint16))
 
 
-def test_round_trip_predicts_identically(make_classifier, image, tmp_path) -> None:
-    classifier = make_classifier(image, num_classes=3, seed=4)
+@pytest.mark.parametrize("preset", ["fast", "pixel"])
+def test_round_trip_predicts_identically(
+    make_classifier, image, tmp_path, preset
+) -> None:
+    classifier = make_classifier(image, num_classes=3, seed=4, preset=preset)
     classifier.fit_feature_scale(image)  # its fitted buffers travel with the file
     classifier.provenance.update(steps=12, seed=4)
     path = save_classifier(classifier, tmp_path / "model.pt")

@@ -21,6 +21,7 @@ EXACTNESS_CASES = [
     ("fast", 1, torch.float64, 1e-12),
     ("fast", 3, torch.float64, 1e-12),
     ("wide", 2, torch.float32, 1e-5),  # float64 convolutions are slow on CPUs
+    ("pixel", 2, torch.float64, 1e-12),
 ]
 
 
@@ -46,6 +47,14 @@ def test_fast_preset_fits_the_live_budget() -> None:
     net = build_patch_net("fast", 1, 2)
     assert to_dense(net).patch_size == 31
     assert 20_000 < macs_per_pixel(net) < 100_000
+
+
+def test_pixel_preset_learns_no_context() -> None:
+    """Its patch is the filter bank's support: every learned layer is 1 x 1."""
+    net = build_patch_net("pixel", 1, 2)
+    assert to_dense(net).patch_size == PRESETS["pixel"].filter_size
+    learned = [m for m in net if isinstance(m, torch.nn.Conv2d) and m is not net[0]]
+    assert learned and all(m.kernel_size == (1, 1) for m in learned)
 
 
 def test_fixed_filters_do_not_train() -> None:

@@ -179,11 +179,15 @@ def test_divergence_is_reported(make_classifier, gray_image, disc_labels) -> Non
             pass
 
 
+@pytest.mark.parametrize("preset", ["fast", "pixel"])
 def test_the_model_learns_the_painted_image(
-    make_classifier, gray_image, disc_labels
+    make_classifier, gray_image, disc_labels, preset
 ) -> None:
     trainer = Trainer(
-        make_classifier(gray_image), gray_image, disc_labels, TrainConfig()
+        make_classifier(gray_image, preset=preset),
+        gray_image,
+        disc_labels,
+        TrainConfig(),
     )
     for _ in iter_train(trainer, steps=150):
         pass

@@ -5,7 +5,9 @@ features that ilastik-style pixel classifiers use; a grouped convolution, so the
 sparse-kernel conversion stays exact), then a 1 x 1 layer that mixes them per pixel,
 then strided 3 x 3 convolutions for context and a fully connected head. Strided
 convolutions (not max pooling) keep the centre pixel's position inside each cell, so
-thin structures one or two pixels wide stay separable.
+thin structures one or two pixels wide stay separable. A preset without context
+layers (``pixel``) learns a per-pixel classifier on the filter bank, like the random
+forests of ilastik and APOC: its only context is the fixed filters'.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class Preset:
     filter_size: int  # odd support of the filter bank; covers about 2.5 sigma
     mix_width: int  # channels of the per-pixel 1 x 1 layer and the first 3 x 3
     context_widths: tuple[int, ...]  # one stride-2 3 x 3 convolution per entry
-    head_width: int  # hidden units of the fully connected head
+    # (none: no learned context, every learned layer is 1 x 1)
+    head_width: int  # hidden units of the fully connected (or 1 x 1) head
     summary: str
     invariants: bool = True  # append gradient magnitude and Hessian eigenvalues
     standardize: bool = True  # fixed per-feature shift and scale, fitted to the image
@@ -57,6 +60,15 @@ PRESETS: dict[str, Preset] = {
             context_widths=(32, 32),
             head_width=64,
             summary="default: live training on 2 CPU cores",
+        ),
+        Preset(
+            "pixel",
+            filter_scales=(1.0, 2.0, 3.5),
+            filter_size=15,
+            mix_width=32,
+            context_widths=(),
+            head_width=32,
+            summary="per-pixel, no learned context: thin structures from few strokes",
         ),
         Preset(
             "wide",
@@ -200,6 +212,8 @@ def build_patch_net(
         features = invariants.out_channels(features)
     if preset.standardize:
         layers.append(FeatureScale(features))
+    if not preset.context_widths:
+        return nn.Sequential(*layers, *_pixel_head(features, preset, num_classes))
     layers += [
         nn.Conv2d(features, preset.mix_width, 1),
         nn.ReLU(),
@@ -218,6 +232,17 @@ def build_patch_net(
         nn.Linear(preset.head_width, num_classes),
     ]
     return nn.Sequential(*layers)
+
+
+def _pixel_head(features: int, preset: Preset, num_classes: int) -> list[nn.Module]:
+    """A per-pixel perceptron: 1 x 1 convolutions only."""
+    return [
+        nn.Conv2d(features, preset.mix_width, 1),
+        nn.ReLU(),
+        nn.Conv2d(preset.mix_width, preset.head_width, 1),
+        nn.ReLU(),
+        nn.Conv2d(preset.head_width, num_classes, 1),
+    ]
 
 
 def macs_per_pixel(patch_net: nn.Sequential) -> int:
