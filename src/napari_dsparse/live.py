@@ -34,6 +34,7 @@ from napari_dsparse.faults import (
     predict_fitting,
     smaller_config,
 )
+from napari_dsparse.memory import PeriodicRelease
 from napari_dsparse.model import Classifier, pick_device
 from napari_dsparse.nets import DEFAULT_PRESET
 from napari_dsparse.predict import Box, iter_tiles, labels_and_uncertainty, predict_box
@@ -512,9 +513,12 @@ def iter_live(
     Yields after every step and every tile, so a worker can quit promptly. When the
     loss diverges the model goes back to its last good state and the loop ends with
     :class:`TrainingPaused`; out of GPU memory it shrinks the work and says so in a
-    :class:`Notice`.
+    :class:`Notice`. Every few seconds, between rounds, the C heap's free pages go back
+    to the OS (:class:`~napari_dsparse.memory.PeriodicRelease`), so that the memory
+    of a long session stays flat.
     """
     done = 0
+    release = PeriodicRelease()
     while rounds is None or done < rounds:
         ready = _take_snapshot(session, mailbox)
         yield from _notices(session)
@@ -539,6 +543,7 @@ def iter_live(
                 break
             yield session.predict(box)
             yield from _notices(session)
+        release()
         done += 1
 
 
