@@ -82,6 +82,29 @@ def pixelwise() -> nn.Sequential:
     )
 
 
+class Squares(sparse.PixelwiseModule):
+    """Appends each channel's square: a pixel-wise layer that adds channels."""
+
+    def out_channels(self, in_channels: int) -> int:
+        return 2 * in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x * x], 1)
+
+
+def pixel_tail() -> nn.Sequential:
+    """No Linear: strided context, then a per-pixel tail of 1 x 1 layers."""
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(6, 5, 2),
+        Squares(),
+        nn.Conv2d(10, 7, 1),
+        nn.Tanh(),
+        nn.Conv2d(7, 4, 1),
+    )
+
+
 def nested_grouped() -> nn.Sequential:
     """Nested Sequential, grouped and dilated convolutions, PReLU, Tanh."""
     return nn.Sequential(
@@ -124,6 +147,7 @@ ARCHS: dict[str, tuple[Callable[[], nn.Sequential], int, tuple[int, ...]]] = {
     "two_pools": (two_pools, 15, (2, 3, 20, 27)),
     "fully_conv": (fully_conv, 11, (2, 3, 20, 27)),
     "pixelwise": (pixelwise, 1, (2, 3, 20, 27)),
+    "pixel_tail": (pixel_tail, 5, (2, 3, 20, 27)),
     "nested_grouped": (nested_grouped, 13, (3, 3, 17, 23)),
     "anisotropic": (anisotropic, 7, (2, 3, 20, 27)),
     "volumetric": (volumetric, 7, (2, 2, 9, 10, 11)),
@@ -238,7 +262,7 @@ def test_masked_gradients_equal_sum_of_patch_gradients(
 
 @pytest.mark.parametrize("painted", [0.0, 0.1, 0.6])  # none, sparse head, dense
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("name", ["strided", "fully_conv", "volumetric"])
+@pytest.mark.parametrize("name", ["strided", "fully_conv", "pixel_tail", "volumetric"])
 def test_pixels_equal_dense_output_at_mask(
     name: str, strategy: str, painted: float
 ) -> None:
@@ -248,6 +272,15 @@ def test_pixels_equal_dense_output_at_mask(
     got = dense.pixels(x, mask, strategy=strategy)
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_a_per_pixel_tail_runs_on_the_masked_pixels_only() -> None:
+    net, dense, x = make("pixel_tail", torch.float64, seed=8)
+    seen: list[tuple[int, ...]] = []
+    net[3].register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape))
+    mask = torch.rand((x.shape[0], *x.shape[2:])) < 0.6
+    dense.pixels(x, mask)
+    assert seen == [(int(mask.sum()), 5, 1, 1)]  # one row per masked pixel
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

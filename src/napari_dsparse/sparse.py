@@ -126,7 +126,8 @@ class _Plan:
     num_classes: int
     patch_size: int
     final_map: int  # side f of the map the first Linear flattens (1 without one)
-    head: int  # index in ops of the first Linear (len(ops) without one)
+    head: int  # index in ops of the first Linear; without one, of the per-pixel
+    # tail (the 1 x 1 convolutions and pixel-wise layers that end the network)
     total_stride: tuple[int, ...]  # product of all strides per axis
 
     @property
@@ -299,8 +300,10 @@ class _Parser:
         flat = self.features is not None and self.features > 0
         head = next(
             (i for i, op in enumerate(self.ops) if op.weight_shape is not None),
-            len(self.ops),
+            None,
         )
+        if head is None:
+            head = _pixel_tail(self.ops)
         stride = tuple(
             math.prod(op.stride[a] for op in spatial) for a in range(self.ndim)
         )
@@ -314,6 +317,29 @@ class _Parser:
             head=head,
             total_stride=stride,
         )
+
+
+def _pixel_tail(ops: list[_Op]) -> int:
+    """Start of the longest run of per-pixel ops that ends the network.
+
+    Per pixel: element-wise and pixel-wise layers and 1 x 1 convolutions at stride
+    1 without groups. ``len(ops)`` when the last op is spatial.
+    """
+    start = len(ops)
+    while start > 0 and _is_per_pixel(ops[start - 1]):
+        start -= 1
+    return start
+
+
+def _is_per_pixel(op: _Op) -> bool:
+    if op.kind == "pointwise":
+        return True
+    return (
+        op.kind == "conv"
+        and op.groups == 1
+        and all(k == 1 for k in op.kernel)
+        and all(s == 1 for s in op.stride)
+    )
 
 
 def _tuple(value: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
@@ -508,12 +534,15 @@ class DenseNet(nn.Module):
     ) -> torch.Tensor:
         """Logits of the pixels in ``mask`` only: for masked training.
 
-        The layers before the first ``Linear`` run densely; the ``Linear`` head
-        runs only on the features gathered for the masked pixels. The result
-        equals ``self(x).movedim(1, -1)[mask]`` and its gradients the sum of the
+        The layers before the head run densely; the head runs only on the
+        features gathered for the masked pixels. The head is the first ``Linear``
+        and what follows it or, in a network without one, the per-pixel tail: the
+        1 x 1 convolutions and pixel-wise layers that end it. The result equals
+        ``self(x).movedim(1, -1)[mask]`` and its gradients the sum of the
         per-patch gradients, at a fraction of the cost when few pixels are
         masked (the head is most of the work in typical patch networks). With
-        more than a quarter of the pixels masked, the head runs densely.
+        more than a quarter of the pixels masked, a ``Linear`` head that reads
+        more than one cell runs densely (gathering its cells would cost more).
 
         Parameters
         ----------
@@ -538,7 +567,8 @@ class DenseNet(nn.Module):
             )
         plan, chosen = self._plan, _resolve(strategy or self.strategy, x)
         mask = mask.to(x.device)
-        if plan.head == len(plan.ops) or mask.float().mean() > _SPARSE_HEAD_MAX:
+        many = plan.final_map > 1 and mask.float().mean() > _SPARSE_HEAD_MAX
+        if plan.head == len(plan.ops) or many:
             dense = _run(plan.ops, _layout(x), out_size, chosen)  # (N, K, *out)
             return dense.movedim(1, -1)[mask]
         size = _shrink(x.shape[2:], plan.trunk_patch)
@@ -856,8 +886,28 @@ def _head(
     )
     gathered = gathered.reshape(*linear.shape, gathered.shape[-1])  # (M, T, C)
     flat = gathered.transpose(1, 2).flatten(1)  # (M, C * T)
-    for op in plan.ops[plan.head :]:
-        flat = op.module(flat)
+    head = plan.ops[plan.head :]
+    if head[0].weight_shape is not None:  # a Linear head: written for (M, F)
+        for op in head:
+            flat = op.module(flat)
+        return flat  # (M, K)
+    return _pixel_tail_on_rows(head, flat, plan.ndim)
+
+
+def _pixel_tail_on_rows(
+    tail: tuple[_Op, ...], flat: torch.Tensor, ndim: int
+) -> torch.Tensor:
+    """Run a per-pixel tail on ``(M, C)`` features, one pixel per row.
+
+    1 x 1 convolutions become matrix products; the other layers were written for
+    spatial maps, so they see each pixel as an ``(M, C, 1, 1)`` map.
+    """
+    ones = (1,) * ndim
+    for op in tail:
+        if op.kind == "conv":
+            flat = F.linear(flat, op.module.weight.flatten(1), op.module.bias)
+        else:
+            flat = op.module(flat.view(*flat.shape, *ones)).flatten(1)
     return flat  # (M, K)
 
 
