@@ -66,7 +66,18 @@ def test_bad_labels_are_rejected(labels, message) -> None:
 
 def test_float_labels_with_whole_values_are_accepted() -> None:
     labels = check_labels(np.full((8, 8), 2.0), (1, 8, 8))
-    assert labels.dtype == np.int64 and labels.shape == (1, 8, 8)
+    assert labels.shape == (1, 8, 8) and (labels == 2).all()
+
+
+@pytest.mark.parametrize(
+    ("largest", "dtype"), [(1, np.uint8), (255, np.uint8), (256, np.uint16)]
+)
+def test_labels_are_kept_in_the_smallest_type_that_holds_them(largest, dtype) -> None:
+    painted = np.zeros((8, 8), np.int64)
+    painted[0, :2] = 1, largest
+    labels = check_labels(painted, (1, 8, 8))
+    assert labels.dtype == dtype
+    np.testing.assert_array_equal(labels[0], painted)
 
 
 def test_class_weights_equalise_the_label_histogram() -> None:

@@ -135,7 +135,11 @@ def missing_classes(labels: np.ndarray) -> list[int]:
 
 
 def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarray:
-    """Validate painted labels against the image; return them as ``(Z, Y, X)`` int64."""
+    """Validate painted labels against the image; return them as ``(Z, Y, X)``.
+
+    The result has the smallest unsigned type that holds the largest class (uint8
+    up to 255 classes): the snapshots a live session keeps cost one byte a pixel.
+    """
     image_shape = spatial_shape[1:] if spatial_shape[0] == 1 else spatial_shape
     planes = int(np.prod(labels.shape[:-2]))
     if labels.ndim > 3 and (planes, *labels.shape[-2:]) == tuple(spatial_shape):
@@ -149,10 +153,17 @@ def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarr
             raise InputError("labels must be whole numbers (0 unpainted, 1..K classes)")
     elif not np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool:
         raise InputError(f"labels have non-numeric dtype {labels.dtype}")
-    out = np.asarray(labels, dtype=np.int64)
-    if out.size and out.min() < 0:
+    if labels.size and labels.min() < 0:
         raise InputError("labels must not be negative (0 unpainted, 1..K classes)")
+    out = np.asarray(labels, dtype=_label_dtype(int(labels.max(initial=0))))
     return out.reshape((1,) * (3 - out.ndim) + out.shape)
+
+
+def _label_dtype(largest: int) -> type[np.integer]:
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if largest <= np.iinfo(dtype).max:
+            return dtype
+    return np.int64
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -297,7 +297,8 @@ def _stack(items: list[tuple[np.ndarray, np.ndarray]]) -> _Batch:
         windows.append(np.ascontiguousarray(window))
         targets.append(np.ascontiguousarray(target))
     return _Batch(
-        torch.from_numpy(np.stack(windows)), torch.from_numpy(np.stack(targets))
+        torch.from_numpy(np.stack(windows)),
+        torch.from_numpy(np.stack(targets).astype(np.int64)),
     )
 
 
