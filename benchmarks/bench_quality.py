@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from napari_dsparse.data import Normalization, as_channels_first
 from napari_dsparse.demo import mean_iou  # truths hold classes 1..K
 from napari_dsparse.model import Classifier
+from napari_dsparse.nets import DEFAULT_PRESET, PRESETS
 from napari_dsparse.predict import labels_and_uncertainty, predict_proba
 from napari_dsparse.scribbles import correction_strokes, initial_strokes
 from napari_dsparse.train import TrainConfig, Trainer, iter_train
@@ -342,7 +343,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         default=None,
         help=f"default: all; {MULTI_IMAGE}: train on images A (+ B), score C",
     )
-    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="correction rounds")
     parser.add_argument("--threads", type=int, default=TORCH_THREADS)

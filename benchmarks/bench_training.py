@@ -1,14 +1,16 @@
 """Training variants at equal step counts: what moves mean IoU, free of machine load.
 
 ``bench_quality.py`` measures quality per second of wall-clock time, which a busy
-machine distorts. This script counts optimiser steps instead (330 steps are about
-30 s of the default preset on 2 quiet CPU cores), trains one variant of the
+machine distorts. This script counts optimiser steps instead (30 s on 2 quiet CPU
+cores are about 3000 steps of the default ``pixel`` preset, 330 of ``fast``), trains
+one variant of the
 training recipe on the same scribbles as ``bench_quality.py`` and prints mean IoU at
 each step count next to the random forest's, plus CPU milliseconds per step.
 
     .venv/bin/python benchmarks/bench_training.py                     # the defaults
     .venv/bin/python benchmarks/bench_training.py --ema 0.95          # averaged weights
-    .venv/bin/python benchmarks/bench_training.py --no-standardize --lr 3e-3
+    .venv/bin/python benchmarks/bench_training.py --preset fast --steps 200 330 660
+    .venv/bin/python benchmarks/bench_training.py --standardize --lr 3e-4
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_quality import STROKES_PER_CLASS, Forest, mean_iou
 from napari_dsparse.data import Normalization, as_channels_first
 from napari_dsparse.model import Classifier
-from napari_dsparse.nets import PRESETS
+from napari_dsparse.nets import DEFAULT_PRESET, PRESETS
 from napari_dsparse.predict import labels_and_uncertainty, predict_proba
 from napari_dsparse.scribbles import initial_strokes
 from napari_dsparse.train import TrainConfig, Trainer
@@ -65,7 +67,9 @@ def run_variant(name: str, args: argparse.Namespace) -> str:
     image = as_channels_first(task.image, task.channel_axis)
     rng = np.random.default_rng(args.seed)
     labels = initial_strokes(task.truth, rng, strokes_per_class=STROKES_PER_CLASS)
-    preset = replace(PRESETS[args.preset], standardize=not args.no_standardize)
+    preset = PRESETS[args.preset]
+    if args.standardize is not None:
+        preset = replace(preset, standardize=args.standardize)
     if args.scales:
         preset = replace(preset, filter_scales=tuple(args.scales))
     if args.filter_size:
@@ -116,13 +120,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=list(TASKS),
         default=["membranes", "ihc-rgb", "blobs"],
     )
-    parser.add_argument("--steps", nargs="+", type=int, default=[200, 330, 660])
-    parser.add_argument("--preset", default="fast", choices=list(PRESETS))
+    parser.add_argument("--steps", nargs="+", type=int, default=[330, 1000, 3000])
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS))
     parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
     parser.add_argument("--batch", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--crop", type=int, default=TrainConfig.crop_size)
     parser.add_argument("--ema", type=float, default=0.0, help="weight average decay")
-    parser.add_argument("--no-standardize", action="store_true")
+    parser.add_argument(
+        "--standardize",
+        action=argparse.BooleanOptionalAction,
+        help="standardised filter-bank features (default: the preset's choice)",
+    )
     parser.add_argument(
         "--scales", nargs="+", type=float, help="Gaussian sigmas of the filter bank"
     )
