@@ -6,8 +6,8 @@ sparse-kernel conversion stays exact), then a 1 x 1 layer that mixes them per pi
 then strided 3 x 3 convolutions for context and a fully connected head. Strided
 convolutions (not max pooling) keep the centre pixel's position inside each cell, so
 thin structures one or two pixels wide stay separable. A preset without context
-layers (``pixel``) learns a per-pixel classifier on the filter bank, like the random
-forests of ilastik and APOC: its only context is the fixed filters'.
+layers (``pixel``, the default) learns a per-pixel classifier on the filter bank,
+like the random forests of ilastik and APOC: its only context is the fixed filters'.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ PRESETS: dict[str, Preset] = {
             mix_width=24,
             context_widths=(32, 32),
             head_width=64,
-            summary="learned context (P = 31): textures and objects by their "
-            "surroundings; 13 steps/s on 2 CPU cores",
+            summary="learned context: textures and objects by their surroundings; "
+            "13 steps/s on 2 CPU cores",
         ),
         Preset(
             "wide",
