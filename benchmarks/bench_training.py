@@ -3,9 +3,9 @@
 ``bench_quality.py`` measures quality per second of wall-clock time, which a busy
 machine distorts. This script counts optimiser steps instead (30 s on 2 quiet CPU
 cores are about 3000 steps of the default ``pixel`` preset, 330 of ``fast``), trains
-one variant of the
-training recipe on the same scribbles as ``bench_quality.py`` and prints mean IoU at
-each step count next to the random forest's, plus CPU milliseconds per step.
+one variant of the training recipe on the same scribbles as ``bench_quality.py`` and
+prints mean IoU at each step count next to the random forest's, plus CPU
+milliseconds per step.
 
     .venv/bin/python benchmarks/bench_training.py                     # the defaults
     .venv/bin/python benchmarks/bench_training.py --ema 0.95          # averaged weights

@@ -63,8 +63,9 @@ PRESETS: dict[str, Preset] = {
             "features; 100 steps/s on 2 CPU cores",
             # Unstandardised features: the first layer learns the large smoothed
             # intensities first and the small derivative responses slowly, which
-            # generalises better from few strokes (bench_training.py, 3000 steps:
-            # IHC 0.875 vs 0.822, membranes 0.776 vs 0.735, blobs 0.952 vs 0.937).
+            # generalises better from few strokes (bench_training.py, 3000 steps,
+            # raw vs standardised: IHC 0.87 vs 0.82, membranes 0.78 vs 0.74,
+            # blobs 0.95 vs 0.94; see docs/benchmarks.md).
             standardize=False,
         ),
         Preset(
