@@ -181,17 +181,21 @@ def _row_chunks(array: np.ndarray) -> tuple[int, ...]:
 
 
 def activation_bytes_per_pixel(classifier: Classifier) -> int:
-    """Bytes of float32 activations per pixel, summed over the layers' outputs.
+    """Bytes a tile holds per window pixel: float32 maps plus the tile's buffers.
 
-    Activation functions (same channels, no weights) and ``Flatten`` are not
-    counted. Measured peaks of the dense pass are about half of this (maps are
-    freed as the pass moves on), which leaves room for the tile's buffers.
+    Counts the output of every layer of the network (activation functions too:
+    they stand for the temporaries of the pixel-wise feature layers and the
+    layout copies, though ReLU itself runs in place), three copies of the input
+    (read, normalised, padded) and four per class and output (logits,
+    probabilities, their NumPy copy, the encoded store chunk). Measured peaks of
+    ``napari-dsparse predict`` tiles are about 0.8 of this for the ``pixel``
+    preset and 0.35 for ``fast`` (docs/benchmarks.md); counting the layers only
+    let a ``pixel`` tile use twice its share.
     """
     channels: list[int] = []
 
     def record(module: nn.Module, inputs, output: torch.Tensor) -> None:
-        changes = output.shape[1] != inputs[0].shape[1]
-        if not isinstance(module, nn.Flatten) and (changes or _has_weights(module)):
+        if not isinstance(module, nn.Flatten):
             channels.append(int(output.shape[1]))
 
     leaves = [m for m in classifier.patch_net.modules() if not list(m.children())]
@@ -204,11 +208,8 @@ def activation_bytes_per_pixel(classifier: Classifier) -> int:
     finally:
         for hook in hooks:
             hook.remove()
-    return 4 * (classifier.in_channels + sum(channels))
-
-
-def _has_weights(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
+    buffers = 3 * classifier.in_channels + 4 * (classifier.num_classes + 2)
+    return 4 * (sum(channels) + buffers)
 
 
 def tile_for_memory(classifier: Classifier, memory: int) -> int:
