@@ -188,9 +188,9 @@ def activation_bytes_per_pixel(classifier: Classifier) -> int:
     layout copies, though ReLU itself runs in place), three copies of the input
     (read, normalised, padded) and four per class and output (logits,
     probabilities, their NumPy copy, the encoded store chunk). Measured peaks of
-    ``napari-dsparse predict`` tiles are about 0.8 of this for the ``pixel``
-    preset and 0.35 for ``fast`` (docs/benchmarks.md); counting the layers only
-    let a ``pixel`` tile use twice its share.
+    ``napari-dsparse predict`` tiles are about 0.75 of this for the ``pixel``
+    preset and 0.3 for ``fast`` (8192², docs/benchmarks.md); counting the layers
+    that change channels only let a ``pixel`` tile use about twice its share.
     """
     channels: list[int] = []
 
