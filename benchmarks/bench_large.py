@@ -163,14 +163,17 @@ def check_regions(model: Path, image_path: Path, output: Path, size: int) -> str
 def _print_table(args, classifier, train: Run, predict: Run) -> None:
     pixels = args.size**2
     window = (args.size + 2 * classifier.halo) ** 2
-    naive = activation_bytes_per_pixel(classifier) * window / 2**30
+    whole_gib = activation_bytes_per_pixel(classifier) * window / 2**30
     budget = parse_memory(args.memory) / 2**30
     print(
         f"\nimage {args.size} x {args.size} uint16 ({pixels / 1e6:.0f} Mpx), preset "
         f"{classifier.preset.name} (P = {classifier.patch_size}), {args.threads} "
         f"torch threads, --memory {args.memory} ({budget:.2f} GiB)"
     )
-    print(f"a naive whole-image pass: {naive / 2:.0f}-{naive:.0f} GiB of activations\n")
+    print(
+        f"one whole-image pass would hold about {whole_gib:.0f} GiB (the tile "
+        "estimate: every layer's output plus the input and output buffers)\n"
+    )
     print("| run | seconds | Mpx/s | peak RSS (GB) | exit |")
     print("| --- | --- | --- | --- | --- |")
     rate = pixels / predict.seconds / 1e6

@@ -103,7 +103,8 @@ def run(size: int, seconds: float, stroke_every: float, sample_every: float) -> 
     for _ in range(50):  # let Qt wind down
         QApplication.processEvents()
         time.sleep(0.02)
-    # Qt keeps idle pooled threads for 30 s (expiryTimeout); waitForDone joins them.
+    # Qt keeps idle pooled threads for 30 s (expiryTimeout). waitForDone joins the
+    # global pool's; _settle_threads waits out those of other pools.
     pool_drained = QThreadPool.globalInstance().waitForDone(10_000)
     settle_s = _settle_threads(process, threads_before)
     os_threads_after = _os_threads()
