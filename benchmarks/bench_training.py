@@ -11,6 +11,7 @@ milliseconds per step.
     .venv/bin/python benchmarks/bench_training.py --ema 0.95          # averaged weights
     .venv/bin/python benchmarks/bench_training.py --preset fast --steps 200 330 660
     .venv/bin/python benchmarks/bench_training.py --standardize --lr 3e-4
+    .venv/bin/python benchmarks/bench_training.py --steps 3000 9000 --lr-half-life 3000
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def run_variant(name: str, args: argparse.Namespace) -> str:
         batch_size=args.batch,
         crop_size=args.crop,
         class_balance=not args.no_balance,
+        lr_half_life=args.lr_half_life,
         seed=args.seed,
     )
     trainer = Trainer(classifier, image, labels, config)
@@ -136,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--filter-size", type=int, help="odd filter-bank support")
     parser.add_argument("--no-balance", action="store_true")
+    parser.add_argument(
+        "--lr-half-life", type=int, help="steps after which the rate halves"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -153,6 +155,31 @@ def test_a_new_label_snapshot_warm_starts(
         (a - b).abs().max() for a, b in zip(before, _parameters(trainer), strict=True)
     ]
     assert max(moved) < 1.0  # continued from the trained weights, not reset
+
+
+def test_the_learning_rate_halves_per_half_life_until_new_labels(
+    make_classifier, gray_image, disc_labels
+) -> None:
+    def rates(trainer: Trainer, steps: int) -> list[float]:
+        taken = []
+        for _ in range(steps):
+            trainer.step()
+            taken.append(trainer.optimizer.param_groups[0]["lr"])
+        return taken
+
+    config = TrainConfig(learning_rate=1e-3, lr_half_life=4, crop_size=24)
+    trainer = Trainer(make_classifier(gray_image), gray_image, disc_labels, config)
+    decayed = rates(trainer, 9)
+    assert decayed[0] == 1e-3
+    assert decayed[4] == pytest.approx(5e-4)
+    assert decayed[8] == pytest.approx(2.5e-4)
+    trainer.set_labels(disc_labels)  # a new snapshot: back to the full rate
+    assert rates(trainer, 2) == [1e-3, pytest.approx(1e-3 * 0.5**0.25)]
+    constant = replace(config, lr_half_life=None)
+    trainer = Trainer(make_classifier(gray_image), gray_image, disc_labels, constant)
+    assert rates(trainer, 5) == [1e-3] * 5
+    with pytest.raises(ValueError, match="lr_half_life"):
+        TrainConfig(lr_half_life=0)
 
 
 def test_snapshots_are_copies(make_classifier, gray_image, disc_labels) -> None:

@@ -417,8 +417,7 @@ class LiveSession:
         """Use ``learning_rate`` from the next step on (the optimiser state stays)."""
         self.config = replace(self.config, learning_rate=learning_rate)
         if self.trainer is not None:
-            for group in self.trainer.optimizer.param_groups:
-                group["lr"] = learning_rate
+            self.trainer.set_learning_rate(learning_rate)
 
     def _new_classifier(self) -> Classifier:
         classifier = Classifier.create(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -43,7 +43,14 @@ class TrainConfig:
     crop_size: int = 64  # output pixels per crop side; the halo comes on top
     class_balance: bool = True  # label-histogram equalisation of the loss
     augment: bool = True  # flips, rot90 and a mild intensity jitter
+    lr_half_life: int | None = None  # steps; the rate halves, reset by new labels
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr_half_life is not None and self.lr_half_life < 1:
+            raise ValueError(
+                f"lr_half_life must be at least 1 step, got {self.lr_half_life}"
+            )
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,7 @@ class Trainer:
             )
         trainer._check_set()
         trainer._fit_feature_scale()
-        trainer.labels_version += 1
+        trainer._new_labels()
         return trainer
 
     def _setup(
@@ -121,6 +128,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(params, lr=self.config.learning_rate)
         self.steps_done = int(classifier.provenance.get("steps", 0))
         self.labels_version = 0
+        self.steps_on_labels = 0  # steps since the last change of the training set
 
     @property
     def image(self) -> np.ndarray:
@@ -159,7 +167,11 @@ class Trainer:
                 self.training_set.add(name, previous.image, previous.labels)
             raise
         self._fit_feature_scale()
+        self._new_labels()
+
+    def _new_labels(self) -> None:
         self.labels_version += 1
+        self.steps_on_labels = 0
 
     def _fit_feature_scale(self) -> None:
         """Fit a fresh model's feature standardisation to the first pair, once."""
@@ -177,7 +189,7 @@ class Trainer:
         except InputError:
             self.training_set.add(name, previous.image, previous.labels)
             raise
-        self.labels_version += 1
+        self._new_labels()
 
     def _check_set(self) -> None:
         """Refresh the class weights; ``InputError`` if nothing is painted."""
@@ -211,10 +223,25 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._set_learning_rate()
         self.optimizer.step()
         self.steps_done += 1
+        self.steps_on_labels += 1
         self.classifier.provenance["steps"] = self.steps_done
         return float(loss.detach()), mode
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        """Train at ``learning_rate`` from the next step on; Adam's state stays."""
+        self.config = replace(self.config, learning_rate=learning_rate)
+        self._set_learning_rate()
+
+    def _set_learning_rate(self) -> None:
+        """The configured rate, halved every ``lr_half_life`` steps on one labelling."""
+        rate = self.config.learning_rate
+        if self.config.lr_half_life is not None:
+            rate *= 0.5 ** (self.steps_on_labels / self.config.lr_half_life)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
 
     def choose_mode(self) -> StepMode:
         """Whole painted slices when they cost fewer pixels than a batch of crops.
