@@ -368,13 +368,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
 def main(argv: list[str] | None = None) -> None:
     args, settings = parse_args(argv)
     torch.set_num_threads(args.threads)
-    by_seed = []
-    for seed in args.seed:
-        seeded = replace(settings, seed=seed)
-        by_seed.append((seeded, run_seed(args.tasks, seeded, args.threads)))
-    if len(by_seed) > 1:
+    runs = [
+        run_seed(args.tasks, replace(settings, seed=seed), args.threads)
+        for seed in args.seed
+    ]
+    if len(runs) > 1:
         print(f"\nsummary over seeds {', '.join(map(str, args.seed))}\n")
-        print(format_summary([results for _, results in by_seed], settings))
+        print(format_summary(runs, settings))
 
 
 def run_seed(tasks: list[str] | None, settings: Settings, threads: int) -> list[Result]:
