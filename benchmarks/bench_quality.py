@@ -21,6 +21,7 @@ checkpoint and for the forest fitted on the same painted pixels.
     .venv/bin/python benchmarks/bench_quality.py --quick    # about 3 minutes
     .venv/bin/python benchmarks/bench_quality.py --tasks multi-image   # alone
     .venv/bin/python benchmarks/bench_quality.py --seed 0 1 2   # 3 x, + a summary
+    .venv/bin/python benchmarks/bench_quality.py --lr-half-life 3000   # a recipe
 
 Several seeds draw other scribbles (and other network and forest seeds): one table
 per seed, then how often and by how much ours leads at 30 s and after corrections.
@@ -65,6 +66,7 @@ class Settings:
     round_seconds: float  # warm-start training per correction round
     preset: str
     seed: int
+    lr_half_life: int | None = None  # TrainConfig.lr_half_life
 
 
 @dataclass
@@ -127,7 +129,10 @@ class Ours:
             seed=settings.seed,
         )
         self.trainer = Trainer(
-            classifier, self.image, labels, TrainConfig(seed=settings.seed)
+            classifier,
+            self.image,
+            labels,
+            TrainConfig(seed=settings.seed, lr_half_life=settings.lr_half_life),
         )
         self.steps = iter_train(self.trainer)
         self.train_seconds = 0.0
@@ -277,7 +282,9 @@ def _ours_on_pairs(
     for task, image, painted in zip(tasks, images, labels, strict=True):
         training_set.add(task.name, image, painted)
     trainer = Trainer.from_set(
-        classifier, training_set, TrainConfig(seed=settings.seed)
+        classifier,
+        training_set,
+        TrainConfig(seed=settings.seed, lr_half_life=settings.lr_half_life),
     )
     steps, train_seconds, done = iter_train(trainer), 0.0, 0
     target = as_channels_first(held_out.image, held_out.channel_axis)
@@ -352,6 +359,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         "--seed", type=int, nargs="+", default=[0], help="one run per seed"
     )
     parser.add_argument("--rounds", type=int, default=2, help="correction rounds")
+    parser.add_argument(
+        "--lr-half-life", type=int, help="steps after which our rate halves"
+    )
     parser.add_argument("--threads", type=int, default=TORCH_THREADS)
     args = parser.parse_args(argv)
     checkpoints = (3.0, 6.0, 12.0) if args.quick else (15.0, 30.0, 60.0)
@@ -361,6 +371,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         round_seconds=4.0 if args.quick else 15.0,
         preset=args.preset,
         seed=args.seed[0],
+        lr_half_life=args.lr_half_life,
     )
     return args, settings
 
@@ -389,7 +400,8 @@ def run_seed(tasks: list[str] | None, settings: Settings, threads: int) -> list[
             results.append(run_task(name, settings))
     print(
         f"torch {torch.__version__}, {threads} threads, preset "
-        f"{settings.preset}, seed {settings.seed}; corrections: "
+        f"{settings.preset}, seed {settings.seed}, lr half-life "
+        f"{settings.lr_half_life or 'none'}; corrections: "
         f"{CORRECTION_STROKES} strokes per round, ours warm-starts "
         f"{settings.round_seconds:g} s per round, RF refits; 1-min load average "
         f"{load_before} before, {os.getloadavg()[0]:.2f} after\n"
