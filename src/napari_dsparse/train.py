@@ -170,6 +170,7 @@ class Trainer:
         self._new_labels()
 
     def _new_labels(self) -> None:
+        """The training set changed: a new version, and the half-life restarts."""
         self.labels_version += 1
         self.steps_on_labels = 0
 
