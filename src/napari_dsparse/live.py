@@ -332,8 +332,7 @@ class LiveSession:
         trainer = Trainer.from_set(self.classifier, training_set, self.config)
         if self.optimizer_state is not None:
             trainer.optimizer.load_state_dict(self.optimizer_state)
-            for group in trainer.optimizer.param_groups:
-                group["lr"] = self.config.learning_rate
+            trainer.set_learning_rate(self.config.learning_rate)
             self.optimizer_state = None
         return trainer
 
