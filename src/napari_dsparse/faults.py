@@ -50,6 +50,7 @@ class Checkpoint:
     optimizer_state: dict[str, Any]
     steps_done: int
     rng_state: dict[str, Any]
+    steps_on_labels: int = 0  # into the learning-rate half-life
 
     @classmethod
     def of(cls, trainer: Trainer) -> Checkpoint:
@@ -60,14 +61,16 @@ class Checkpoint:
             _to_cpu(copy.deepcopy(trainer.optimizer.state_dict())),
             trainer.steps_done,
             copy.deepcopy(trainer.rng.bit_generator.state),
+            trainer.steps_on_labels,
         )
 
     def restore(self, trainer: Trainer) -> None:
-        """Put ``trainer`` (weights, optimiser, steps, sampler) back to this state."""
+        """Put ``trainer`` (weights, optimiser, steps, rate, sampler) back."""
         trainer.classifier.patch_net.load_state_dict(self.model_state, strict=True)
         # load_state_dict casts the moments to each parameter's device
         trainer.optimizer.load_state_dict(copy.deepcopy(self.optimizer_state))
         trainer.steps_done = self.steps_done
+        trainer.steps_on_labels = self.steps_on_labels
         trainer.classifier.provenance["steps"] = self.steps_done
         trainer.rng.bit_generator.state = copy.deepcopy(self.rng_state)
 

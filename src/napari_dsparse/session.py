@@ -125,6 +125,7 @@ def save_session(
         "optimizer_state": None if checkpoint is None else checkpoint.optimizer_state,
         "steps_done": None if checkpoint is None else checkpoint.steps_done,
         "rng_state": None if checkpoint is None else checkpoint.rng_state,
+        "steps_on_labels": None if checkpoint is None else checkpoint.steps_on_labels,
         "name": session.name,
         "in_set": session.name in pairs,
         "pairs": [
@@ -198,6 +199,7 @@ def _saved_session(path: Path, payload: dict, entry: dict) -> SavedSession:
             entry["optimizer_state"],
             int(entry["steps_done"]),
             entry["rng_state"],
+            int(entry.get("steps_on_labels") or 0),  # absent from older files
         )
     return SavedSession(
         scribbles=entry["scribbles"].numpy().astype(entry["scribbles_dtype"]),
