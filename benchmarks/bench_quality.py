@@ -21,7 +21,7 @@ checkpoint and for the forest fitted on the same painted pixels.
     .venv/bin/python benchmarks/bench_quality.py --quick    # about 3 minutes
     .venv/bin/python benchmarks/bench_quality.py --tasks multi-image   # alone
     .venv/bin/python benchmarks/bench_quality.py --seed 0 1 2   # 3 x, + a summary
-    .venv/bin/python benchmarks/bench_quality.py --lr-half-life 3000   # a recipe
+    .venv/bin/python benchmarks/bench_quality.py --lr-half-life 0   # constant rate
 
 Several seeds draw other scribbles (and other network and forest seeds): one table
 per seed, then how often and by how much ours leads at 30 s and after corrections.
@@ -66,7 +66,7 @@ class Settings:
     round_seconds: float  # warm-start training per correction round
     preset: str
     seed: int
-    lr_half_life: int | None = None  # TrainConfig.lr_half_life
+    lr_half_life: int | None = TrainConfig.lr_half_life  # None: constant rate
 
 
 @dataclass
@@ -344,6 +344,17 @@ def format_table(results: list[Result], settings: Settings) -> str:
     return "\n".join(lines)
 
 
+def add_half_life_option(parser: argparse.ArgumentParser) -> None:
+    """``--lr-half-life N``: ``TrainConfig.lr_half_life``; 0 keeps the rate constant."""
+    parser.add_argument(
+        "--lr-half-life",
+        type=int,
+        default=TrainConfig.lr_half_life,
+        help="steps on one labelling after which our rate halves; 0: constant "
+        "(default: %(default)s)",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (~2 min)")
@@ -359,9 +370,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         "--seed", type=int, nargs="+", default=[0], help="one run per seed"
     )
     parser.add_argument("--rounds", type=int, default=2, help="correction rounds")
-    parser.add_argument(
-        "--lr-half-life", type=int, help="steps after which our rate halves"
-    )
+    add_half_life_option(parser)
     parser.add_argument("--threads", type=int, default=TORCH_THREADS)
     args = parser.parse_args(argv)
     checkpoints = (3.0, 6.0, 12.0) if args.quick else (15.0, 30.0, 60.0)
@@ -371,7 +380,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         round_seconds=4.0 if args.quick else 15.0,
         preset=args.preset,
         seed=args.seed[0],
-        lr_half_life=args.lr_half_life,
+        lr_half_life=args.lr_half_life or None,
     )
     return args, settings
 

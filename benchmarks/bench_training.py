@@ -11,7 +11,7 @@ milliseconds per step.
     .venv/bin/python benchmarks/bench_training.py --ema 0.95          # averaged weights
     .venv/bin/python benchmarks/bench_training.py --preset fast --steps 200 330 660
     .venv/bin/python benchmarks/bench_training.py --standardize --lr 3e-4
-    .venv/bin/python benchmarks/bench_training.py --steps 3000 9000 --lr-half-life 3000
+    .venv/bin/python benchmarks/bench_training.py --steps 3000 9000 --lr-half-life 0
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_quality import STROKES_PER_CLASS, Forest, mean_iou
+from bench_quality import STROKES_PER_CLASS, Forest, add_half_life_option, mean_iou
 from napari_dsparse.data import Normalization, as_channels_first
 from napari_dsparse.model import Classifier
 from napari_dsparse.nets import DEFAULT_PRESET, PRESETS
@@ -87,7 +87,7 @@ def run_variant(name: str, args: argparse.Namespace) -> str:
         batch_size=args.batch,
         crop_size=args.crop,
         class_balance=not args.no_balance,
-        lr_half_life=args.lr_half_life,
+        lr_half_life=args.lr_half_life or None,
         seed=args.seed,
     )
     trainer = Trainer(classifier, image, labels, config)
@@ -138,9 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--filter-size", type=int, help="odd filter-bank support")
     parser.add_argument("--no-balance", action="store_true")
-    parser.add_argument(
-        "--lr-half-life", type=int, help="steps after which the rate halves"
-    )
+    add_half_life_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)

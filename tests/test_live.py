@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from napari_dsparse.data import as_channels_first
@@ -119,8 +120,10 @@ def test_the_learning_rate_can_change_between_rounds(rng) -> None:
     mailbox.post_labels(labels)
     list(iter_live(session, mailbox, round_seconds=0.05, rounds=1))
     session.set_learning_rate(3e-4)
-    assert session.trainer.optimizer.param_groups[0]["lr"] == 3e-4
-    assert session.config.learning_rate == 3e-4
+    trainer = session.trainer
+    decay = 0.5 ** (trainer.steps_on_labels / trainer.config.lr_half_life)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4 * decay)
+    assert session.config.learning_rate == trainer.config.learning_rate == 3e-4
 
 
 def test_live_training_leaves_a_core_for_the_gui() -> None:

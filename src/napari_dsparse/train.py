@@ -43,7 +43,11 @@ class TrainConfig:
     crop_size: int = 64  # output pixels per crop side; the halo comes on top
     class_balance: bool = True  # label-histogram equalisation of the loss
     augment: bool = True  # flips, rot90 and a mild intensity jitter
-    lr_half_life: int | None = None  # steps; the rate halves, reset by new labels
+    # Steps on one labelling after which the rate halves; new labels restore it, and
+    # None keeps it constant. Training on fixed strokes drifts past its best point;
+    # halving every 3000 steps (30 s of ``pixel`` on 2 CPU cores) met the forest on
+    # more task-seeds, at 30 s and after corrections (docs/benchmarks.md).
+    lr_half_life: int | None = 3000
     seed: int = 0
 
     def __post_init__(self) -> None:
