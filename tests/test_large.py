@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+import torch
 import zarr
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from napari_dsparse import large
 from napari_dsparse.data import InputError, as_channels_first
@@ -111,6 +115,55 @@ def test_tiles_grow_with_the_budget_and_fit_it(classifier) -> None:
     assert small < default <= large.MAX_TILE
     window = default + 2 * classifier.halo
     assert window**2 * large.activation_bytes_per_pixel(classifier) <= 2**30
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """Most bytes held at once by the tensors that torch ops return inside the mode.
+
+    Views share their storage, counted once; a storage is freed when the last
+    tensor on it is.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.storages: dict[int, list[int]] = {}  # data pointer -> [bytes, tensors]
+
+    def _release(self, key: int) -> None:
+        entry = self.storages[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self.storages[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.storages:
+                    self.storages[key] = [storage.nbytes(), 0]
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                self.storages[key][1] += 1
+                weakref.finalize(tensor, self._release, key)
+        return out
+
+
+@pytest.mark.parametrize("preset", ["pixel", "fast"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_tile_estimate_covers_every_tensor_of_a_tile(
+    make_classifier, rng, preset, channels
+) -> None:
+    tile = 128
+    image = rng.random((channels, 1, tile, tile)).astype(np.float32)
+    classifier = make_classifier(image, num_classes=3, preset=preset, seed=0)
+    with PeakTensorBytes() as measured:
+        predict_proba(classifier, image, tile=tile)
+    assert measured.live == 0  # every tensor was counted out again
+    window = (tile + 2 * classifier.halo) ** 2
+    assert 0 < measured.peak <= window * large.activation_bytes_per_pixel(classifier)
 
 
 def test_zarr_output_and_a_3d_stack(classifier, rng, tmp_path) -> None:
