@@ -175,6 +175,9 @@ def test_the_learning_rate_halves_per_half_life_until_new_labels(
     assert decayed[8] == pytest.approx(2.5e-4)
     trainer.set_labels(disc_labels)  # a new snapshot: back to the full rate
     assert rates(trainer, 2) == [1e-3, pytest.approx(1e-3 * 0.5**0.25)]
+    status = next(iter_train(trainer, steps=1))  # after 3 steps on these labels
+    assert status.learning_rate == pytest.approx(1e-3 * 0.5**0.75)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**0.5)
     constant = replace(config, lr_half_life=None)
     trainer = Trainer(make_classifier(gray_image), gray_image, disc_labels, constant)
     assert rates(trainer, 5) == [1e-3] * 5

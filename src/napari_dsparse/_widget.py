@@ -1043,7 +1043,8 @@ def _status_text(session: LiveSession, status: TrainStatus) -> str:
     device = session.classifier.device if session.classifier else "?"
     return (
         f"step {status.step} · loss {status.loss:.3f} · "
-        f"{status.steps_per_second:.1f} steps/s · {device}\npainted: {painted}"
+        f"{status.steps_per_second:.1f} steps/s · rate {status.learning_rate:.1e} · "
+        f"{device}\npainted: {painted}"
     )
 
 

@@ -606,6 +606,7 @@ def _train_round(
             tuple(int(c) for c in session.trainer.counts),
             mode,
             session.labels_version,
+            session.trainer.learning_rate,
         )
         if mailbox.has_new_labels() and _take_snapshot(session, mailbox):
             # show the stroke soon: a short burst of steps, then the preview

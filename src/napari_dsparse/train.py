@@ -67,6 +67,7 @@ class TrainStatus:
     painted: tuple[int, ...]  # painted pixels of classes 1..K
     mode: StepMode
     labels_version: int  # how many label snapshots the trainer has received
+    learning_rate: float  # of the next step (see ``TrainConfig.lr_half_life``)
 
 
 @dataclass(frozen=True)
@@ -240,13 +241,17 @@ class Trainer:
         self.config = replace(self.config, learning_rate=learning_rate)
         self._set_learning_rate()
 
-    def _set_learning_rate(self) -> None:
-        """The configured rate, halved every ``lr_half_life`` steps on one labelling."""
+    @property
+    def learning_rate(self) -> float:
+        """The next step's rate: the configured one, halved per ``lr_half_life``."""
         rate = self.config.learning_rate
         if self.config.lr_half_life is not None:
             rate *= 0.5 ** (self.steps_on_labels / self.config.lr_half_life)
+        return rate
+
+    def _set_learning_rate(self) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = rate
+            group["lr"] = self.learning_rate
 
     def choose_mode(self) -> StepMode:
         """Whole painted slices when they cost fewer pixels than a batch of crops.
@@ -389,6 +394,7 @@ def iter_train(
             tuple(int(c) for c in trainer.counts),
             mode,
             trainer.labels_version,
+            trainer.learning_rate,
         )
         if new_labels is not None:
             trainer.set_labels(new_labels)

@@ -177,7 +177,8 @@ def _drive(statuses, report: Report, every: float = 1.0) -> None:
             last = time.perf_counter()
             report(
                 f"step {status.step:6d}  loss {status.loss:.4f}  "
-                f"{status.steps_per_second:5.1f} steps/s"
+                f"{status.steps_per_second:5.1f} steps/s  "
+                f"rate {status.learning_rate:.1e}"
             )
     if status is not None:
         report(f"done: {status.step} steps, last loss {status.loss:.4f}")

@@ -51,7 +51,7 @@ def test_prediction_layers_appear_and_follow_training(trained_viewer, qtbot) -> 
     qtbot.waitUntil(lambda: prediction.data[48, 48] == 2, timeout=30_000)
     qtbot.waitUntil(lambda: prediction.data[5, 20] == 1, timeout=30_000)
     assert widget.training and widget.train_button.text == "Pause"
-    assert "step" in widget.status.value
+    assert "step" in widget.status.value and " rate " in widget.status.value
 
 
 def test_a_new_class_reaches_the_trainer(trained_viewer, qtbot) -> None:
