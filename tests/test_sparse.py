@@ -128,6 +128,18 @@ def anisotropic() -> nn.Sequential:
     )
 
 
+def linear_tail() -> nn.Sequential:
+    """A pixel-wise layer between two Linear layers (it sees (N, F) per patch)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 5, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(5 * 2 * 2, 4),
+        Squares(),
+        nn.Linear(8, 3),
+    )
+
+
 def volumetric() -> nn.Sequential:
     """3D: Conv3d, MaxPool3d and a Linear over a 2 x 2 x 2 map."""
     return nn.Sequential(
@@ -150,6 +162,7 @@ ARCHS: dict[str, tuple[Callable[[], nn.Sequential], int, tuple[int, ...]]] = {
     "pixel_tail": (pixel_tail, 5, (2, 3, 20, 27)),
     "nested_grouped": (nested_grouped, 13, (3, 3, 17, 23)),
     "anisotropic": (anisotropic, 7, (2, 3, 20, 27)),
+    "linear_tail": (linear_tail, 5, (2, 3, 20, 27)),
     "volumetric": (volumetric, 7, (2, 2, 9, 10, 11)),
 }
 
@@ -512,6 +525,12 @@ REJECTED: list[tuple[Callable[[], nn.Module], str]] = [
     (
         lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(4, 2, 1)),
         r"layer 1 \(Conv2d\): in_channels=4, map has 8",
+    ),
+    (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.Flatten(), Squares(), nn.Linear(144, 2)
+        ),
+        r"layer 2 \(Squares\): pixel-wise layers cannot sit between Flatten",
     ),
     (
         lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Softmax(dim=-1)),

@@ -53,7 +53,9 @@ class PixelwiseModule(nn.Module):
 
     Such a module may change the number of channels (say so in
     :meth:`out_channels`) but must never mix pixels: then it is the same on a
-    patch's feature map and on a dense map, and the conversion stays exact.
+    patch's feature map and on a dense map, and the conversion stays exact. After a
+    ``Linear`` it sees a patch's ``(N, F)`` features and the dense ``(N, F, *map)``
+    ones, so its ``forward`` must act on axis 1 of either.
     """
 
     def out_channels(self, in_channels: int) -> int:
@@ -184,10 +186,15 @@ class _Parser:
         elif isinstance(module, _POINTWISE):
             self.ops.append(_Op("pointwise", module))
         elif isinstance(module, PixelwiseModule):
-            if self.features is not None:
-                raise self.fail(name, module, "pixel-wise layers must precede Flatten")
+            if self.features == -1:
+                # between Flatten and the first Linear a patch's features are a
+                # flattened map, not one vector per pixel
+                message = "pixel-wise layers cannot sit between Flatten and Linear"
+                raise self.fail(name, module, message)
             self.ops.append(_Op("pointwise", module))
-            if self.channels is not None:
+            if self.features is not None:  # after a Linear: (N, F) per patch
+                self.features = module.out_channels(self.features)
+            elif self.channels is not None:
                 self.channels = module.out_channels(self.channels)
         elif isinstance(module, (nn.Softmax, nn.LogSoftmax)):
             if module.dim != 1:
