@@ -22,6 +22,7 @@ checkpoint and for the forest fitted on the same painted pixels.
     .venv/bin/python benchmarks/bench_quality.py --tasks multi-image   # alone
     .venv/bin/python benchmarks/bench_quality.py --seed 0 1 2   # 3 x, + a summary
     .venv/bin/python benchmarks/bench_quality.py --lr-half-life 0   # constant rate
+    .venv/bin/python benchmarks/bench_quality.py --prior-strength 0  # painted prior
 
 Several seeds draw other scribbles (and other network and forest seeds): one table
 per seed, then how often and by how much ours leads at 30 s and after corrections.
@@ -67,6 +68,14 @@ class Settings:
     preset: str
     seed: int
     lr_half_life: int | None = TrainConfig.lr_half_life  # None: constant rate
+    prior_strength: float = TrainConfig.prior_strength  # 0: the network's posteriors
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            seed=self.seed,
+            lr_half_life=self.lr_half_life,
+            prior_strength=self.prior_strength,
+        )
 
 
 @dataclass
@@ -132,7 +141,7 @@ class Ours:
             classifier,
             self.image,
             labels,
-            TrainConfig(seed=settings.seed, lr_half_life=settings.lr_half_life),
+            settings.train_config(),
         )
         self.steps = iter_train(self.trainer)
         self.train_seconds = 0.0
@@ -149,6 +158,7 @@ class Ours:
 
     def predict(self) -> np.ndarray:
         tick = time.perf_counter()
+        self.trainer.fit_class_prior()  # as the live loop does before it predicts
         proba = predict_proba(self.trainer.classifier, self.image)  # (K, 1, Y, X)
         classes, _ = labels_and_uncertainty(proba)
         self.predict_times.append(time.perf_counter() - tick)
@@ -284,7 +294,7 @@ def _ours_on_pairs(
     trainer = Trainer.from_set(
         classifier,
         training_set,
-        TrainConfig(seed=settings.seed, lr_half_life=settings.lr_half_life),
+        settings.train_config(),
     )
     steps, train_seconds, done = iter_train(trainer), 0.0, 0
     target = as_channels_first(held_out.image, held_out.channel_axis)
@@ -294,6 +304,7 @@ def _ours_on_pairs(
             next(steps)
             train_seconds += time.perf_counter() - tick
             done += 1
+        trainer.fit_class_prior()  # from A and B, as an exported model carries it
         classes, _ = labels_and_uncertainty(predict_proba(classifier, target))
         result.ours.append(mean_iou(held_out.truth, classes[0]))
     result.steps_per_second = done / train_seconds
@@ -355,6 +366,17 @@ def add_half_life_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_prior_option(parser: argparse.ArgumentParser) -> None:
+    """``--prior-strength S``: ``TrainConfig.prior_strength``; 0 turns it off."""
+    parser.add_argument(
+        "--prior-strength",
+        type=float,
+        default=TrainConfig.prior_strength,
+        help="how far our predictions move to the image's class prior, 0-1 "
+        "(default: %(default)s)",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (~2 min)")
@@ -371,6 +393,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     )
     parser.add_argument("--rounds", type=int, default=2, help="correction rounds")
     add_half_life_option(parser)
+    add_prior_option(parser)
     parser.add_argument("--threads", type=int, default=TORCH_THREADS)
     args = parser.parse_args(argv)
     checkpoints = (3.0, 6.0, 12.0) if args.quick else (15.0, 30.0, 60.0)
@@ -381,6 +404,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         preset=args.preset,
         seed=args.seed[0],
         lr_half_life=args.lr_half_life or None,
+        prior_strength=args.prior_strength,
     )
     return args, settings
 
@@ -410,7 +434,8 @@ def run_seed(tasks: list[str] | None, settings: Settings, threads: int) -> list[
     print(
         f"torch {torch.__version__}, {threads} threads, preset "
         f"{settings.preset}, seed {settings.seed}, lr half-life "
-        f"{settings.lr_half_life or 'none'}; corrections: "
+        f"{settings.lr_half_life or 'none'}, class-prior strength "
+        f"{settings.prior_strength:g}; corrections: "
         f"{CORRECTION_STROKES} strokes per round, ours warm-starts "
         f"{settings.round_seconds:g} s per round, RF refits; 1-min load average "
         f"{load_before} before, {os.getloadavg()[0]:.2f} after\n"

@@ -30,7 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_quality import STROKES_PER_CLASS, Forest, add_half_life_option, mean_iou
+from bench_quality import (
+    STROKES_PER_CLASS,
+    Forest,
+    add_half_life_option,
+    add_prior_option,
+    mean_iou,
+)
 from napari_dsparse.data import Normalization, as_channels_first
 from napari_dsparse.model import Classifier
 from napari_dsparse.nets import DEFAULT_PRESET, PRESETS
@@ -88,6 +94,7 @@ def run_variant(name: str, args: argparse.Namespace) -> str:
         crop_size=args.crop,
         class_balance=not args.no_balance,
         lr_half_life=args.lr_half_life or None,
+        prior_strength=args.prior_strength,
         seed=args.seed,
     )
     trainer = Trainer(classifier, image, labels, config)
@@ -101,6 +108,7 @@ def run_variant(name: str, args: argparse.Namespace) -> str:
             if average is not None:
                 average.update()
         cpu += time.process_time() - tick
+        trainer.fit_class_prior()
         predict = partial(predict_proba, classifier, image)
         proba = average.predict(predict) if average else predict()
         classes, _ = labels_and_uncertainty(proba)
@@ -139,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--filter-size", type=int, help="odd filter-bank support")
     parser.add_argument("--no-balance", action="store_true")
     add_half_life_option(parser)
+    add_prior_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)

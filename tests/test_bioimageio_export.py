@@ -30,6 +30,7 @@ def classifier(make_classifier, rng):
     image = as_channels_first(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
     classifier = make_classifier(image, num_classes=3, seed=7)
     classifier.provenance.update(steps=11, seed=7)
+    classifier.class_prior().log_ratio.copy_(torch.tensor([0.7, -1.2, 0.3]))
     return classifier
 
 

@@ -159,3 +159,29 @@ def test_files_from_before_the_feature_scale_load_unchanged(
     np.testing.assert_allclose(
         predict_proba(loaded, image), predict_proba(classifier, image), atol=1e-6
     )
+
+
+def test_the_class_prior_is_saved_and_older_files_load_without_one(
+    make_classifier, image, tmp_path
+) -> None:
+    classifier = make_classifier(image, seed=2)
+    classifier.class_prior().log_ratio.copy_(torch.tensor([1.5, -0.5]))
+    loaded = load_classifier(save_classifier(classifier, tmp_path / "model.pt"))
+    torch.testing.assert_close(
+        loaded.class_prior().log_ratio, torch.tensor([1.5, -0.5])
+    )
+    np.testing.assert_allclose(
+        predict_proba(loaded, image), predict_proba(classifier, image), atol=1e-6
+    )
+    path = tmp_path / "old.pt"
+    payload = torch.load(tmp_path / "model.pt", weights_only=True)
+    names = [k for k in payload["state_dict"] if k.endswith("log_ratio")]
+    assert len(names) == 1
+    del payload["state_dict"][names[0]]  # as written before the class prior
+    torch.save(payload, path)
+    old = load_classifier(path)
+    assert old.class_prior().log_ratio.abs().max() == 0
+    classifier.class_prior().log_ratio.zero_()
+    np.testing.assert_allclose(
+        predict_proba(old, image), predict_proba(classifier, image), atol=1e-6
+    )

@@ -103,14 +103,15 @@ def test_painting_a_new_class_grows_the_model(rng) -> None:
     mailbox = Mailbox()
     mailbox.post_labels(labels)
     list(iter_live(session, mailbox, round_seconds=0.05, rounds=1))
-    head_before = session.classifier.patch_net[-1].weight.detach().clone()
+    head_before = session.classifier.patch_net[-2].weight.detach().clone()
     labels[15:17, 10:30] = 3
     mailbox.post_labels(labels)
     list(iter_live(session, mailbox, round_seconds=0.05, rounds=1))
     assert session.class_names == ("bg", "fg", "class 3")
-    head_after = session.classifier.patch_net[-1].weight.detach()
+    head_after = session.classifier.patch_net[-2].weight.detach()
     assert head_after.shape[0] == 3
     assert not torch.equal(head_after[:2], torch.zeros_like(head_before))
+    assert session.classifier.class_prior().log_ratio.shape == (3,)
     assert session.trainer.counts.tolist()[2] == int((labels == 3).sum())
 
 

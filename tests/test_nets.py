@@ -9,6 +9,7 @@ from napari_dsparse.data import Normalization, as_channels_first
 from napari_dsparse.model import Classifier
 from napari_dsparse.nets import (
     PRESETS,
+    ClassPrior,
     FeatureScale,
     FilterInvariants,
     build_patch_net,
@@ -36,6 +37,9 @@ def test_presets_are_exact_dense_networks(preset, channels, dtype, tolerance) ->
     assert (scale is not None) == PRESETS[preset].standardize
     if scale is not None:  # not the identity
         scale.fit(torch.randn(2, scale.shift.numel(), 5, 5, dtype=dtype))
+    prior = net[-1]
+    assert isinstance(prior, ClassPrior)
+    prior.log_ratio.copy_(torch.tensor([0.5, -1.0, 2.0]))  # not the identity either
     dense = to_dense(net)
     x = torch.randn(1, channels, 28, 33, dtype=dtype)
     with torch.no_grad():

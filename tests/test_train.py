@@ -9,7 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_dsparse.data import InputError, Normalization, read_window
+from napari_dsparse.data import (
+    InputError,
+    Normalization,
+    as_channels_first,
+    read_window,
+)
 from napari_dsparse.predict import predict_proba
 from napari_dsparse.train import (
     TrainConfig,
@@ -230,3 +235,97 @@ def test_the_model_learns_the_painted_image(
     outside = (rows - 22) ** 2 + (cols - 30) ** 2 > 16**2
     assert (predicted[inside] == 2).mean() > 0.95
     assert (predicted[outside] == 1).mean() > 0.95
+
+
+def test_the_class_prior_never_changes_a_step(
+    make_classifier, gray_image, disc_labels
+) -> None:
+    runs = []
+    for shift in (torch.zeros(2), torch.tensor([2.0, -3.0])):
+        classifier = make_classifier(gray_image, seed=4)
+        classifier.class_prior().log_ratio.copy_(shift)
+        trainer = Trainer(classifier, gray_image, disc_labels, replace(WHOLE, seed=1))
+        runs.append(([trainer.step()[0] for _ in range(2)], _parameters(trainer)))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_training_prior_is_the_weighted_class_shares_of_the_batches(
+    make_classifier, gray_image, disc_labels
+) -> None:
+    balanced = Trainer(make_classifier(gray_image), gray_image, disc_labels, WHOLE)
+    np.testing.assert_allclose(balanced.training_prior(), [0.5, 0.5])
+    plain = Trainer(
+        make_classifier(gray_image),
+        gray_image,
+        disc_labels,
+        replace(WHOLE, class_balance=False),
+    )
+    counts = np.bincount(disc_labels.ravel())[1:]
+    np.testing.assert_allclose(plain.training_prior(), counts / counts.sum())
+
+
+def test_training_prior_of_crop_steps_matches_their_batches(make_classifier) -> None:
+    image = np.zeros((1, 1, 300, 320), np.uint8)
+    labels = np.zeros((300, 320), np.uint8)
+    labels[20:23, 10:300] = 1  # long strokes of class 1, a short one of class 2
+    labels[150:152, 100:120] = 2
+    trainer = Trainer(
+        make_classifier(image), image, labels, TrainConfig(class_balance=False)
+    )
+    assert trainer.choose_mode() == "crops"
+    seen = np.zeros(2)
+    for _ in range(200):
+        targets = trainer.crop_batch().targets.numpy()
+        seen += [(targets == 1).sum(), (targets == 2).sum()]
+    np.testing.assert_allclose(trainer.training_prior(), seen / seen.sum(), atol=0.03)
+
+
+def _small_class_image(rng) -> tuple[np.ndarray, np.ndarray, float]:
+    """A bright square on 6 % of a dark image, painted as much as the background."""
+    image = rng.normal(100, 5, (64, 64))
+    image[20:36, 20:36] += 100
+    labels = np.zeros((64, 64), np.uint8)
+    labels[22:34, 22:34] = 2
+    labels[2:14, 40:52] = 1
+    return as_channels_first(image.astype(np.float32)), labels, 16 * 16 / 64**2
+
+
+def test_the_fitted_prior_comes_near_the_image_share(make_classifier, rng) -> None:
+    image, labels, share = _small_class_image(rng)
+    trainer = Trainer(make_classifier(image, preset="pixel"), image, labels, WHOLE)
+    for _ in range(150):
+        trainer.step()
+    prior = trainer.fit_class_prior()
+    # the mean posterior: most of the way from the training prior (0.5) to the
+    # share, never past it
+    assert share - 0.01 < prior[1] < share + 0.25 * (0.5 - share)
+    ratio = trainer.classifier.class_prior().log_ratio.numpy()
+    expected = 0.5 * np.log(prior / trainer.training_prior())
+    np.testing.assert_allclose(ratio, expected, rtol=1e-5)
+    assert ratio[1] < 0 < ratio[0]
+
+
+def test_strength_zero_keeps_the_networks_posteriors(make_classifier, rng) -> None:
+    image, labels, _ = _small_class_image(rng)
+    classifier = make_classifier(image, preset="pixel")
+    classifier.class_prior().log_ratio.fill_(1.0)  # say, from a loaded model
+    trainer = Trainer(classifier, image, labels, replace(WHOLE, prior_strength=0))
+    assert trainer.fit_class_prior() is None
+    assert not classifier.class_prior().log_ratio.any()
+    with pytest.raises(ValueError, match="prior_strength must be between 0 and 1"):
+        TrainConfig(prior_strength=1.5)
+
+
+def test_iter_train_fits_the_prior_when_its_budget_runs_out(
+    make_classifier, rng
+) -> None:
+    image, labels, _ = _small_class_image(rng)
+    trainer = Trainer(make_classifier(image, preset="pixel"), image, labels, WHOLE)
+    steps = iter_train(trainer, steps=40)
+    for _ in range(39):
+        next(steps)
+    assert not trainer.classifier.class_prior().log_ratio.any()
+    list(steps)
+    assert trainer.classifier.class_prior().log_ratio[1] < 0

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from napari_dsparse import __version__
 from napari_dsparse.data import InputError, Normalization
 from napari_dsparse.model import Classifier
-from napari_dsparse.nets import Preset, build_patch_net
+from napari_dsparse.nets import ClassPrior, Preset, build_patch_net
 
 __all__ = [
     "FORMAT_VERSION",
@@ -133,7 +134,7 @@ def load_classifier(
         net = build_patch_net(
             preset, payload["in_channels"], len(payload["class_names"])
         )
-        net.load_state_dict(payload["state_dict"], strict=True)
+        net.load_state_dict(_with_class_prior(net, payload["state_dict"]), strict=True)
         classifier = Classifier(
             preset,
             int(payload["in_channels"]),
@@ -148,6 +149,15 @@ def load_classifier(
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ModelFileError(f"{path} is not a valid model file ({error})") from error
     return classifier.to(device)
+
+
+def _with_class_prior(net: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with a zero prior change where the file has none (older files)."""
+    state = dict(state)
+    for name, module in net.named_modules():
+        if isinstance(module, ClassPrior):
+            state.setdefault(f"{name}.log_ratio", torch.zeros_like(module.log_ratio))
+    return state
 
 
 def _read_payload(path: Path) -> dict[str, Any]:

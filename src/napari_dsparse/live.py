@@ -534,6 +534,8 @@ def iter_live(
                 step,
             )
             return
+        if session.trainer is not None:  # predict under the image's class prior
+            session.trainer.fit_class_prior()
         session.keep_last_good()
         view, z = mailbox.view()
         for box in preview_boxes(session.image.shape[1:], view, z):

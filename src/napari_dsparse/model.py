@@ -13,6 +13,7 @@ from napari_dsparse.data import Normalization, read_window
 from napari_dsparse.nets import (
     DEFAULT_PRESET,
     PRESETS,
+    ClassPrior,
     FeatureScale,
     Preset,
     build_patch_net,
@@ -159,6 +160,10 @@ class Classifier:
     def feature_scale(self) -> FeatureScale | None:
         """The network's feature standardisation, if its preset has one."""
         return next((m for m in self.patch_net if isinstance(m, FeatureScale)), None)
+
+    def class_prior(self) -> ClassPrior | None:
+        """The network's change of class prior (absent from custom networks)."""
+        return next((m for m in self.patch_net if isinstance(m, ClassPrior)), None)
 
     def fit_feature_scale(
         self, image: np.ndarray, normalization: Normalization | None = None

@@ -21,6 +21,7 @@ from napari_dsparse.sparse import DenseNet, PixelwiseModule, to_dense
 
 __all__ = [
     "PRESETS",
+    "ClassPrior",
     "FeatureScale",
     "Preset",
     "build_patch_net",
@@ -206,6 +207,28 @@ class FeatureScale(PixelwiseModule):
         self.fitted.fill_(1.0)
 
 
+class ClassPrior(PixelwiseModule):
+    """Adds ``log_ratio[k]`` to class ``k``'s logit: a change of class prior.
+
+    Training weighs the painted classes about equally (label-histogram
+    equalisation) and paints them in other shares than the image holds them, so the
+    network learns posteriors under the prior of its batches. Adding ``log(image
+    prior / training prior)`` turns them into posteriors under the image's own
+    prior (Saerens, Latinne & Decaestecker, Neural Computation 14, 2002).
+    :meth:`napari_dsparse.train.Trainer.fit_class_prior` estimates it; training
+    subtracts it again, so it never changes a gradient. Zero (no change) until
+    fitted; saved with the model.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("log_ratio", torch.zeros(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, K, *spatial) or (N, K)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return x + self.log_ratio.view(view).to(x.dtype)
+
+
 def build_patch_net(
     preset: Preset | str, in_channels: int, num_classes: int
 ) -> nn.Sequential:
@@ -221,7 +244,8 @@ def build_patch_net(
     if preset.standardize:
         layers.append(FeatureScale(features))
     if not preset.context_widths:
-        return nn.Sequential(*layers, *_pixel_head(features, preset, num_classes))
+        head = _pixel_head(features, preset, num_classes)
+        return nn.Sequential(*layers, *head, ClassPrior(num_classes))
     layers += [
         nn.Conv2d(features, preset.mix_width, 1),
         nn.ReLU(),
@@ -238,6 +262,7 @@ def build_patch_net(
         nn.Linear(width * side * side, preset.head_width),
         nn.ReLU(),
         nn.Linear(preset.head_width, num_classes),
+        ClassPrior(num_classes),
     ]
     return nn.Sequential(*layers)
 
