@@ -9,6 +9,7 @@ import pytest
 import tifffile
 
 from napari_dsparse.cli import main
+from napari_dsparse.export import load_classifier
 from napari_dsparse.samples import coins_sample
 
 
@@ -93,6 +94,26 @@ def _write(path, array):
     else:
         tifffile.imwrite(path, array)
     return path
+
+
+def test_train_reports_the_class_shares_and_takes_a_prior_strength(
+    files, capsys
+) -> None:
+    argv = ["train", files / "image.tif", files / "labels.npy", "--steps", "20"]
+    code, out, _ = run(capsys, *argv, "-o", files / "a.pt")
+    shares = re.search(r"class shares .*: class 1 ([\d.]+) %, class 2 ([\d.]+) %", out)
+    assert code == 0 and shares
+    assert float(shares[1]) + float(shares[2]) == pytest.approx(100, abs=0.2)
+    code, out, _ = run(capsys, *argv, "-o", files / "b.pt", "--prior-strength", "0")
+    assert code == 0 and "class shares" not in out
+    prior = load_classifier(files / "b.pt").class_prior()
+    assert not prior.log_ratio.any()
+    with pytest.raises(SystemExit):
+        main(
+            [str(a) for a in argv]
+            + ["-o", str(files / "c.pt"), "--prior-strength", "2"]
+        )
+    assert "must be between 0 and 1, got 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

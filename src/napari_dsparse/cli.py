@@ -28,6 +28,7 @@ def _run_train(args: argparse.Namespace) -> int:
         channel_axis=args.channel_axis,
         report=print,
         normalization=args.normalization.replace("-", "_"),
+        prior_strength=args.prior_strength,
     )
     return 0
 
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     from napari_dsparse.nets import DEFAULT_PRESET, PRESETS
+    from napari_dsparse.train import TrainConfig
 
     train = commands.add_parser(
         "train",
@@ -158,8 +160,26 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument(
+        "--prior-strength",
+        type=_prior_strength,
+        default=TrainConfig.prior_strength,
+        metavar="S",
+        help="0-1: how far predictions move from the painted class shares to those "
+        "estimated in the images; 0 keeps the painted ones (default %(default)s)",
+    )
     _add_channel_axis(train)
     train.set_defaults(func=_run_train)
+
+
+def _prior_strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
 
 
 def _add_predict_parser(commands: argparse._SubParsersAction) -> None:

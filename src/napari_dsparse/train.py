@@ -152,6 +152,7 @@ class Trainer:
         self.labels_version = 0
         self.steps_on_labels = 0  # steps since the last change of the training set
         self._training_prior: tuple[int, np.ndarray] = (-1, np.zeros(0))
+        self.image_prior: np.ndarray | None = None  # the last fit_class_prior's
 
     @property
     def image(self) -> np.ndarray:
@@ -298,6 +299,7 @@ class Trainer:
             return None
         if self.config.prior_strength == 0:
             module.log_ratio.zero_()
+            self.image_prior = None
             return None
         train_prior = self.training_prior()
         with torch.no_grad():
@@ -306,6 +308,7 @@ class Trainer:
         image_prior = estimate_image_prior(proba, train_prior)
         ratio = log_prior_ratio(image_prior, train_prior, self.config.prior_strength)
         module.log_ratio.copy_(torch.as_tensor(ratio, dtype=module.log_ratio.dtype))
+        self.image_prior = image_prior
         return image_prior
 
     def _sample_logits(self) -> torch.Tensor:

@@ -31,6 +31,7 @@ from napari_dsparse.large import (
     progress_bar,
 )
 from napari_dsparse.model import Classifier, pick_device
+from napari_dsparse.nets import DEFAULT_PRESET
 from napari_dsparse.train import TrainConfig, Trainer, iter_train
 from napari_dsparse.training_set import TrainingSet
 
@@ -64,7 +65,7 @@ def train_from_files(
     output: str | Path,
     seconds: float | None = None,
     steps: int | None = None,
-    preset: str = "fast",
+    preset: str = DEFAULT_PRESET,
     device: str | None = None,
     seed: int = 0,
     channel_axis: int | None = None,
@@ -91,18 +92,20 @@ def train_from_pairs(
     output: str | Path,
     seconds: float | None = None,
     steps: int | None = None,
-    preset: str = "fast",
+    preset: str = DEFAULT_PRESET,
     device: str | None = None,
     seed: int = 0,
     channel_axis: int | None = None,
     report: Report = _silent,
     normalization: NormalizationPolicy = "per_image",
+    prior_strength: float = TrainConfig.prior_strength,
 ) -> Classifier:
     """Train one model on several ``(image, labels)`` files; write it to ``output``.
 
     Images may differ in size but must have the same channels. ``normalization``
     is ``"per_image"`` (each image by its own percentiles, also at prediction) or
     ``"fixed"`` (the percentiles of all training images pooled, for every image).
+    ``prior_strength`` is ``TrainConfig.prior_strength``.
     """
     if not pairs:
         raise InputError("give at least one image and its labels")
@@ -138,8 +141,15 @@ def train_from_pairs(
         f"training {classifier.preset.name} (P = {classifier.patch_size}) on {target} "
         f"from {len(loaded)} image(s): painted pixels per class {counts.tolist()}"
     )
-    trainer = Trainer.from_set(classifier, training_set, TrainConfig(seed=seed))
+    config = TrainConfig(seed=seed, prior_strength=prior_strength)
+    trainer = Trainer.from_set(classifier, training_set, config)
     _drive(iter_train(trainer, steps=steps, seconds=seconds), report)
+    if trainer.image_prior is not None:
+        shares = zip(classifier.class_names, trainer.image_prior, strict=True)
+        report(
+            "class shares estimated in the training images: "
+            + ", ".join(f"{name} {100 * share:.1f} %" for name, share in shares)
+        )
     save_classifier(classifier, output)
     report(f"wrote {output}")
     return classifier
