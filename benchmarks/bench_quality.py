@@ -355,8 +355,12 @@ def format_table(results: list[Result], settings: Settings) -> str:
     return "\n".join(lines)
 
 
-def add_half_life_option(parser: argparse.ArgumentParser) -> None:
-    """``--lr-half-life N``: ``TrainConfig.lr_half_life``; 0 keeps the rate constant."""
+def add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    """``--lr-half-life N`` and ``--prior-strength S``, as in ``TrainConfig``.
+
+    A half-life of 0 keeps the rate constant; a strength of 0 keeps the painted
+    classes' prior.
+    """
     parser.add_argument(
         "--lr-half-life",
         type=int,
@@ -364,10 +368,6 @@ def add_half_life_option(parser: argparse.ArgumentParser) -> None:
         help="steps on one labelling after which our rate halves; 0: constant "
         "(default: %(default)s)",
     )
-
-
-def add_prior_option(parser: argparse.ArgumentParser) -> None:
-    """``--prior-strength S``: ``TrainConfig.prior_strength``; 0 turns it off."""
     parser.add_argument(
         "--prior-strength",
         type=float,
@@ -392,8 +392,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         "--seed", type=int, nargs="+", default=[0], help="one run per seed"
     )
     parser.add_argument("--rounds", type=int, default=2, help="correction rounds")
-    add_half_life_option(parser)
-    add_prior_option(parser)
+    add_recipe_options(parser)
     parser.add_argument("--threads", type=int, default=TORCH_THREADS)
     args = parser.parse_args(argv)
     checkpoints = (3.0, 6.0, 12.0) if args.quick else (15.0, 30.0, 60.0)

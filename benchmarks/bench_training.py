@@ -33,8 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_quality import (
     STROKES_PER_CLASS,
     Forest,
-    add_half_life_option,
-    add_prior_option,
+    add_recipe_options,
     mean_iou,
 )
 from napari_dsparse.data import Normalization, as_channels_first
@@ -146,8 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--filter-size", type=int, help="odd filter-bank support")
     parser.add_argument("--no-balance", action="store_true")
-    add_half_life_option(parser)
-    add_prior_option(parser)
+    add_recipe_options(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from napari_dsparse import train as train_module
 from napari_dsparse.data import (
     InputError,
     Normalization,
@@ -329,3 +330,25 @@ def test_iter_train_fits_the_prior_when_its_budget_runs_out(
     assert not trainer.classifier.class_prior().log_ratio.any()
     list(steps)
     assert trainer.classifier.class_prior().log_ratio[1] < 0
+
+
+def test_the_prior_sample_is_read_once_per_training_set(
+    make_classifier, rng, monkeypatch
+) -> None:
+    image, labels, _ = _small_class_image(rng)
+    trainer = Trainer(make_classifier(image, preset="pixel"), image, labels, WHOLE)
+    reads = []
+    original = train_module.read_window
+    monkeypatch.setattr(
+        train_module,
+        "read_window",
+        lambda *a, **k: reads.append(1) or original(*a, **k),
+    )
+    first = trainer.fit_class_prior()
+    windows = len(reads)
+    assert windows > 0
+    np.testing.assert_allclose(trainer.fit_class_prior(), first, atol=1e-6)
+    assert len(reads) == windows  # the same sample, not read again
+    trainer.set_labels(labels)
+    trainer.fit_class_prior()
+    assert len(reads) == 2 * windows
