@@ -127,6 +127,21 @@ def test_the_learning_rate_can_change_between_rounds(rng) -> None:
     assert session.config.learning_rate == trainer.config.learning_rate == 3e-4
 
 
+def test_the_prior_strength_can_change_between_rounds(rng) -> None:
+    session, labels = _session(rng)
+    mailbox = Mailbox()
+    mailbox.post_labels(labels)
+    list(iter_live(session, mailbox, round_seconds=0.05, rounds=1))
+    shift = session.classifier.class_prior().log_ratio
+    assert shift.abs().sum() > 0  # the default strength moved the prior
+    session.set_prior_strength(0.0)
+    assert session.config.prior_strength == session.trainer.config.prior_strength == 0
+    list(iter_live(session, mailbox, round_seconds=0.05, rounds=1))
+    assert not session.classifier.class_prior().log_ratio.any()
+    with pytest.raises(ValueError, match="prior_strength must be between 0 and 1"):
+        session.set_prior_strength(2.0)
+
+
 def test_live_training_leaves_a_core_for_the_gui() -> None:
     assert cpu_threads_for_live_training(2) == 1
     assert cpu_threads_for_live_training(8) == 7

@@ -201,6 +201,16 @@ class DsparseWidget(Container):
         self.learning_rate = FloatSpinBox(
             label="learning rate", value=1e-3, min=1e-5, max=0.1, step=1e-4
         )
+        self.prior_strength = FloatSpinBox(
+            label="class prior",
+            value=TrainConfig.prior_strength,
+            min=0.0,
+            max=1.0,
+            step=0.1,
+            tooltip="How far predictions move from the painted classes' shares to "
+            "the shares estimated in the image: 0 not at all, 1 fully. Takes effect "
+            "at the end of the next training round.",
+        )
         self.train_button = PushButton(text="Train")
         self.update_button = PushButton(text="Update once")
         self.reset_button = PushButton(text="Reset model")
@@ -232,6 +242,7 @@ class DsparseWidget(Container):
             self.preset,
             self.device,
             self.learning_rate,
+            self.prior_strength,
             Container(
                 widgets=[self.train_button, self.update_button, self.reset_button],
                 layout="horizontal",
@@ -269,6 +280,7 @@ class DsparseWidget(Container):
         self.class_names.changed.connect(self._on_class_names_changed)
         self.preset.changed.connect(self._on_network_changed)
         self.device.changed.connect(self._on_network_changed)
+        self.prior_strength.changed.connect(self._on_prior_strength_changed)
         self._viewer.layers.events.removed.connect(self._on_layer_removed)
         getattr(self._viewer, "scene", self._viewer).camera.events.connect(
             self._post_view
@@ -348,7 +360,10 @@ class DsparseWidget(Container):
                 image_array(image, multichannel),
                 self.names(),
                 preset=self.preset.value,
-                config=TrainConfig(learning_rate=self.learning_rate.value),
+                config=TrainConfig(
+                    learning_rate=self.learning_rate.value,
+                    prior_strength=self.prior_strength.value,
+                ),
                 device=self.device.value,
                 name=image.name,
             )
@@ -375,6 +390,7 @@ class DsparseWidget(Container):
             show_warning(str(error))
             return
         session.set_learning_rate(self.learning_rate.value)
+        session.set_prior_strength(self.prior_strength.value)
         if pick_device(session.device).type == "cpu":
             torch.set_num_threads(cpu_threads_for_live_training())
         self._watch(self.scribble_picker.value)
@@ -654,6 +670,10 @@ class DsparseWidget(Container):
             show_info("Network or device changed: the next training starts afresh.")
         self._drop_session()
 
+    def _on_prior_strength_changed(self, strength: float) -> None:
+        if self._session is not None:
+            self._session.set_prior_strength(strength)
+
     def _drop_session(self) -> None:
         self._session, self._session_image = None, None
 
@@ -904,6 +924,7 @@ class DsparseWidget(Container):
         self.scribble_picker.value = layer
         self._session, self._session_image = restored, image
         self._multichannel, self._image_replaced = multichannel, False
+        self.prior_strength.value = restored.config.prior_strength
         self._restore_pairs(saved, image, layer, pair_layers)
         steps = restored.trainer.steps_done if restored.trainer else 0
         self.status.value = f"Restored {Path(path).name} at step {steps}."

@@ -418,6 +418,15 @@ class LiveSession:
         if self.trainer is not None:
             self.trainer.set_learning_rate(learning_rate)
 
+    def set_prior_strength(self, strength: float) -> None:
+        """Predict under ``strength`` of the image's class prior from the next round.
+
+        Training refits the prior after every round (``TrainConfig.prior_strength``).
+        """
+        self.config = replace(self.config, prior_strength=strength)
+        if self.trainer is not None:
+            self.trainer.set_prior_strength(strength)
+
     def _new_classifier(self) -> Classifier:
         classifier = Classifier.create(
             self.image.shape[0],

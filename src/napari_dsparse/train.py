@@ -355,6 +355,10 @@ class Trainer:
         self._prior_sample = (self.labels_version, batch)
         return batch
 
+    def set_prior_strength(self, strength: float) -> None:
+        """Use ``strength`` from the next :meth:`fit_class_prior` on (0 to 1)."""
+        self.config = replace(self.config, prior_strength=strength)
+
     def set_learning_rate(self, learning_rate: float) -> None:
         """Train at ``learning_rate`` from the next step on; Adam's state stays."""
         self.config = replace(self.config, learning_rate=learning_rate)

@@ -239,6 +239,7 @@ def test_a_session_saved_in_the_widget_restores_into_a_new_layer(
     viewer, widget, scribbles = _viewer_with(make_napari_viewer, _disc_image())
     widget.class_names.value = "outside, disc"
     widget.learning_rate.value = 2e-3
+    widget.prior_strength.value = 0.3
     widget.train_button.clicked.emit()
     qtbot.waitUntil(
         lambda: getattr(widget._session.last_good, "steps_done", 0) > 3, timeout=30_000
@@ -250,15 +251,31 @@ def test_a_session_saved_in_the_widget_restores_into_a_new_layer(
     before = scribbles.data.copy()
     widget.class_names.value = "a, b"
     widget.learning_rate.value = 1e-3
+    widget.prior_strength.value = 1.0
     assert widget.restore_session_from(tmp_path / "s.pt")
     restored = viewer.layers["img scribbles (restored)"]
     np.testing.assert_array_equal(restored.data, before)
     np.testing.assert_array_equal(scribbles.data, before)  # the user's layer kept
     assert widget.class_names.value == "outside, disc"
     assert widget.learning_rate.value == pytest.approx(2e-3)
+    assert widget.prior_strength.value == pytest.approx(0.3)
+    assert widget._session.config.prior_strength == pytest.approx(0.3)
     assert widget._session.trainer.steps_done == saved_steps["steps"]
     _train_briefly(widget, qtbot)
     assert widget._session.trainer.steps_done > saved_steps["steps"]
+
+
+def test_the_class_prior_control_reaches_the_training(
+    make_napari_viewer, qtbot, shown
+) -> None:
+    _viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image())
+    _train_briefly(widget, qtbot)
+    prior = widget._session.classifier.class_prior()
+    assert prior.log_ratio.any()  # the default strength, 0.5
+    widget.prior_strength.value = 0.0
+    assert widget._session.trainer.config.prior_strength == 0.0
+    _train_briefly(widget, qtbot)
+    assert not prior.log_ratio.any()
 
 
 def test_autosave_writes_the_session_file(
