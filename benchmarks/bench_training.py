@@ -12,6 +12,7 @@ milliseconds per step.
     .venv/bin/python benchmarks/bench_training.py --preset fast --steps 200 330 660
     .venv/bin/python benchmarks/bench_training.py --standardize --lr 3e-4
     .venv/bin/python benchmarks/bench_training.py --steps 3000 9000 --lr-half-life 0
+    .venv/bin/python benchmarks/bench_training.py --tasks ihc-rgb --no-invariants
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def run_variant(name: str, args: argparse.Namespace) -> str:
     preset = PRESETS[args.preset]
     if args.standardize is not None:
         preset = replace(preset, standardize=args.standardize)
+    if args.invariants is not None:
+        preset = replace(preset, invariants=args.invariants)
     if args.scales:
         preset = replace(preset, filter_scales=tuple(args.scales))
     if args.filter_size:
@@ -139,6 +142,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--standardize",
         action=argparse.BooleanOptionalAction,
         help="standardised filter-bank features (default: the preset's choice)",
+    )
+    parser.add_argument(
+        "--invariants",
+        action=argparse.BooleanOptionalAction,
+        help="gradient magnitude and Hessian eigenvalues (default: the preset's)",
     )
     parser.add_argument(
         "--scales", nargs="+", type=float, help="Gaussian sigmas of the filter bank"
