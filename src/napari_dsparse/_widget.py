@@ -390,7 +390,6 @@ class DsparseWidget(Container):
             show_warning(str(error))
             return
         session.set_learning_rate(self.learning_rate.value)
-        session.set_prior_strength(self.prior_strength.value)
         if pick_device(session.device).type == "cpu":
             torch.set_num_threads(cpu_threads_for_live_training())
         self._watch(self.scribble_picker.value)
