@@ -69,12 +69,14 @@ class Settings:
     seed: int
     lr_half_life: int | None = TrainConfig.lr_half_life  # None: constant rate
     prior_strength: float = TrainConfig.prior_strength  # 0: the network's posteriors
+    mix: float = TrainConfig.mix  # 0: no CutMix of the crops
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
             seed=self.seed,
             lr_half_life=self.lr_half_life,
             prior_strength=self.prior_strength,
+            mix=self.mix,
         )
 
 
@@ -356,10 +358,11 @@ def format_table(results: list[Result], settings: Settings) -> str:
 
 
 def add_recipe_options(parser: argparse.ArgumentParser) -> None:
-    """``--lr-half-life N`` and ``--prior-strength S``, as in ``TrainConfig``.
+    """``--lr-half-life N``, ``--prior-strength S`` and ``--mix M``, as in
+    ``TrainConfig``.
 
     A half-life of 0 keeps the rate constant; a strength of 0 keeps the painted
-    classes' prior.
+    classes' prior; a mix of 0 trains on unmixed crops.
     """
     parser.add_argument(
         "--lr-half-life",
@@ -374,6 +377,13 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
         default=TrainConfig.prior_strength,
         help="how far our predictions move to the image's class prior, 0-1 "
         "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--mix",
+        type=float,
+        default=TrainConfig.mix,
+        help="share of our crops that get a rectangle of another crop pasted in, "
+        "0-1 (default: %(default)s)",
     )
 
 
@@ -404,6 +414,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         seed=args.seed[0],
         lr_half_life=args.lr_half_life or None,
         prior_strength=args.prior_strength,
+        mix=args.mix,
     )
     return args, settings
 
@@ -434,7 +445,7 @@ def run_seed(tasks: list[str] | None, settings: Settings, threads: int) -> list[
         f"torch {torch.__version__}, {threads} threads, preset "
         f"{settings.preset}, seed {settings.seed}, lr half-life "
         f"{settings.lr_half_life or 'none'}, class-prior strength "
-        f"{settings.prior_strength:g}; corrections: "
+        f"{settings.prior_strength:g}, mix {settings.mix:g}; corrections: "
         f"{CORRECTION_STROKES} strokes per round, ours warm-starts "
         f"{settings.round_seconds:g} s per round, RF refits; 1-min load average "
         f"{load_before} before, {os.getloadavg()[0]:.2f} after\n"

@@ -13,6 +13,7 @@ milliseconds per step.
     .venv/bin/python benchmarks/bench_training.py --standardize --lr 3e-4
     .venv/bin/python benchmarks/bench_training.py --steps 3000 9000 --lr-half-life 0
     .venv/bin/python benchmarks/bench_training.py --tasks ihc-rgb --no-invariants
+    .venv/bin/python benchmarks/bench_training.py --tasks coins --mix 0  # no CutMix
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def run_variant(name: str, args: argparse.Namespace) -> str:
         class_balance=not args.no_balance,
         lr_half_life=args.lr_half_life or None,
         prior_strength=args.prior_strength,
+        mix=args.mix,
         seed=args.seed,
     )
     trainer = Trainer(classifier, image, labels, config)

@@ -123,6 +123,45 @@ def test_step_mode_follows_the_cost(make_classifier, gray_image, disc_labels) ->
     assert big.crop_batch().windows.shape == (8, 1, side, side)
 
 
+def test_mixing_pastes_a_rectangle_of_another_crop_with_its_labels(
+    make_classifier,
+) -> None:
+    image = np.zeros((1, 1, 200, 200), np.uint8)
+    labels = np.zeros((200, 200), np.uint8)
+    labels[10, 10], labels[100, 100] = 1, 2
+    trainer = Trainer(make_classifier(image), image, labels, TrainConfig(mix=1.0))
+    halo, side = trainer.classifier.halo, 40
+    items = [  # crop i: window all 10 * i, labels all i (classes 1..6)
+        (
+            np.full((1, side + 2 * halo, side + 2 * halo), 10.0 * i, np.float32),
+            np.full((side, side), i, np.uint8),
+        )
+        for i in range(1, 7)
+    ]
+    mixed = trainer._mix(items)
+    assert [t.min() for _, t in items] == list(range(1, 7))  # inputs untouched
+    changed = 0
+    for i, (window, target) in enumerate(mixed, start=1):
+        pasted = target != i
+        if not pasted.any():
+            continue
+        changed += 1
+        assert len(np.unique(target[pasted])) == 1  # from one other crop
+        rows, cols = np.nonzero(pasted.any(1))[0], np.nonzero(pasted.any(0))[0]
+        assert pasted.sum() == rows.size * cols.size  # a rectangle
+        assert side // 4 <= min(rows.size, cols.size)
+        assert max(rows.size, cols.size) <= 3 * side // 4
+        inner = window[0, halo:-halo, halo:-halo]  # each output pixel's centre
+        np.testing.assert_array_equal(inner, 10.0 * target)
+        assert (window[0, :halo] == 10.0 * i).all()  # the halo ring stays
+    assert changed >= 3
+    unmixed = Trainer(make_classifier(image), image, labels, TrainConfig(mix=0.0))
+    painted = (unmixed.crop_batch().targets > 0).sum((1, 2))
+    assert (painted == 1).all()  # each crop holds its own painted pixel only
+    with pytest.raises(ValueError, match="mix must be between 0 and 1"):
+        TrainConfig(mix=1.5)
+
+
 def test_training_is_deterministic_with_a_seed(
     make_classifier, gray_image, disc_labels
 ) -> None:
