@@ -54,9 +54,9 @@ class TrainConfig:
     # Share of crops that get a rectangle of another crop of the batch pasted in,
     # labels and all (CutMix; Yun et al., ICCV 2019). Strokes keep away from class
     # edges, so unmixed crops never show a painted pixel next to another class's
-    # content: the network then calls background next to an object "object" (a
-    # ring around every coin) and textured background a stain. Mixing lifted coins
-    # and IHC on every seed (docs/benchmarks.md). Only with ``augment``, crop steps.
+    # content, and the network called the background ring around every coin coin.
+    # Mixing lifted coins and IHC on every seed (docs/benchmarks.md). Crop steps
+    # only, and only with ``augment``.
     mix: float = 0.5
     # Steps on one labelling after which the rate halves; new labels restore it, and
     # None keeps it constant. Training on fixed strokes drifts past its best point;
