@@ -51,8 +51,9 @@ class TrainConfig:
     crop_size: int = 64  # output pixels per crop side; the halo comes on top
     class_balance: bool = True  # label-histogram equalisation of the loss
     augment: bool = True  # flips, rot90, a mild intensity jitter and ``mix``
-    # Share of crops that get a rectangle of another crop of the batch pasted in,
-    # labels and all (CutMix; Yun et al., ICCV 2019). Strokes keep away from class
+    # Share of crops that get a rectangle of a random crop of the batch pasted in,
+    # labels and all (CutMix; Yun et al., ICCV 2019; a crop that draws itself
+    # stays as it was). Strokes keep away from class
     # edges, so unmixed crops never show a painted pixel next to another class's
     # content, and the network called the background ring around every coin coin.
     # Mixing lifted coins and IHC on every seed (docs/benchmarks.md). Crop steps
@@ -60,7 +61,7 @@ class TrainConfig:
     mix: float = 0.5
     # Steps on one labelling after which the rate halves; new labels restore it, and
     # None keeps it constant. Training on fixed strokes drifts past its best point;
-    # halving every 3000 steps (30 s of ``pixel`` on 2 CPU cores) met the forest on
+    # halving every 3000 steps (15-30 s of ``pixel`` on 2 CPU cores) met the forest on
     # more task-seeds, at 30 s and after corrections (docs/benchmarks.md).
     lr_half_life: int | None = 3000
     # How far predictions move from the painted classes' prior to the image's
