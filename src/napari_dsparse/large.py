@@ -27,6 +27,7 @@ from torch import nn
 
 from napari_dsparse.data import InputError, Normalization, as_channels_first
 from napari_dsparse.export import WriteError, os_error_message, write_atomically
+from napari_dsparse.interrupts import interrupts_between_steps, stop_if_interrupted
 from napari_dsparse.model import Classifier
 from napari_dsparse.predict import (
     _check_compatible,
@@ -51,6 +52,7 @@ LAZY_SUFFIXES = (".tif", ".tiff", ".npy", ".png", ".zarr")
 OUTPUT_SUFFIXES = (".tif", ".tiff", ".zarr")
 TILE_MULTIPLE = 16  # TIFF tiles must be multiples of 16 pixels
 MAX_TILE = 4096  # larger tiles gain no speed and make progress coarse
+STOPPING = "stopping after this tile (Ctrl-C again to stop at once)"
 
 Progress = Callable[[int, int], None]
 
@@ -249,23 +251,31 @@ def predict_file(
     normalization = classifier.normalization.for_image(image)
     tile = tile_for_memory(classifier, memory)
     scratch = _scratch_path(output)
+    # In this process Ctrl-C stops between tiles, once every write has landed; a
+    # cluster's workers write on their own, so there it stops the wait at once.
+    held = (
+        interrupts_between_steps(STOPPING)
+        if scheduler is None
+        else contextlib.nullcontext()
+    )
     try:
-        store = _create_store(scratch, classifier, image.shape, tile, outputs)
-        if scheduler is None:
-            _predict_into(classifier, image, store, tile, progress, normalization)
-        else:
-            from napari_dsparse.cluster import predict_into_with_dask
+        with held:
+            store = _create_store(scratch, classifier, image.shape, tile, outputs)
+            if scheduler is None:
+                _predict_into(classifier, image, store, tile, progress, normalization)
+            else:
+                from napari_dsparse.cluster import predict_into_with_dask
 
-            predict_into_with_dask(
-                classifier, image, store, tile, scheduler, progress, normalization
-            )
-        spatial = image.shape[1:] if image.shape[1] > 1 else image.shape[2:]
-        if output.name.lower().endswith(".zarr"):
-            _finish_zarr(scratch, output)
-        else:
-            # The classes last: once they exist, every result is complete.
-            for name, target in reversed(targets.items()):
-                _write_tif_from(store[name], target, spatial, tile)
+                predict_into_with_dask(
+                    classifier, image, store, tile, scheduler, progress, normalization
+                )
+            spatial = image.shape[1:] if image.shape[1] > 1 else image.shape[2:]
+            if output.name.lower().endswith(".zarr"):
+                _finish_zarr(scratch, output)
+            else:
+                # The classes last: once they exist, every result is complete.
+                for name, target in reversed(targets.items()):
+                    _write_tif_from(store[name], target, spatial, tile)
     except OSError as error:
         raise WriteError(os_error_message(output, error)) from error
     finally:
@@ -290,6 +300,7 @@ def _predict_into(
         for done, box in enumerate(boxes, start=1):
             proba = predict_box(classifier, image, box, normalization)  # (K, h, w)
             _store_tile(store, proba, box.z, (box.r0, box.r1), (box.c0, box.c1))
+            stop_if_interrupted()
             if progress is not None:
                 progress(done, len(boxes))
 
@@ -396,6 +407,7 @@ def _tif_tiles(array, band: int, tif_tile: int) -> Iterator[np.ndarray]:
     height, width = array.shape[-2:]
     for plane in np.ndindex(*array.shape[:-2]):
         for r0 in range(0, height, band):
+            stop_if_interrupted()
             rows = np.asarray(array[(*plane, slice(r0, min(r0 + band, height)))])
             for t0 in range(0, rows.shape[0], tif_tile):
                 for c0 in range(0, width, tif_tile):
