@@ -74,11 +74,17 @@ def test_another_handler_and_other_threads_are_left_alone() -> None:
     def worker() -> None:
         with interrupts_between_steps():
             seen.append(signal.getsignal(signal.SIGINT))
+        stop_if_interrupted()  # the main thread's Ctrl-C is not the worker's
+        seen.append("the worker went on")
 
-    thread = threading.Thread(target=worker)
-    thread.start()
-    thread.join()
-    assert seen == [signal.default_int_handler]
+    with pytest.raises(KeyboardInterrupt), interrupts_between_steps():
+        signal.raise_signal(signal.SIGINT)
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+    handler, went_on = seen
+    assert handler is not signal.default_int_handler  # the main thread's, untouched
+    assert went_on == "the worker went on"
 
 
 def test_a_ctrl_c_during_a_tile_write_lets_it_land_then_stops(

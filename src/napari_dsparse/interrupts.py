@@ -47,8 +47,11 @@ def interrupts_between_steps(notice: str = "") -> Iterator[None]:
 
 
 def stop_if_interrupted() -> None:
-    """Raise ``KeyboardInterrupt`` if Ctrl-C was pressed since the last check."""
-    if _pending.is_set():
+    """Raise ``KeyboardInterrupt`` if Ctrl-C was pressed since the last check.
+
+    Only in the main thread, the one a held Ctrl-C belongs to.
+    """
+    if threading.current_thread() is threading.main_thread() and _pending.is_set():
         _pending.clear()
         raise KeyboardInterrupt
 
