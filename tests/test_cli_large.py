@@ -1,4 +1,4 @@
-"""Command line: predict images in many tiles, on a cluster, stop on Ctrl-C; export."""
+"""Command line: predict in many tiles, on a cluster; stop on Ctrl-C; export."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import tifffile
 
 from napari_dsparse.cli import main
 from napari_dsparse.data import as_channels_first
-from napari_dsparse.export import save_classifier
+from napari_dsparse.export import load_classifier, save_classifier
 from napari_dsparse.predict import labels_and_uncertainty, predict_proba
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -33,8 +33,6 @@ def model(make_classifier, image, tmp_path) -> Path:
 
 
 def _expected_classes(model: Path, image: np.ndarray) -> np.ndarray:
-    from napari_dsparse.export import load_classifier
-
     proba = predict_proba(load_classifier(model), as_channels_first(image))
     return labels_and_uncertainty(proba)[0][0]
 
@@ -97,6 +95,28 @@ def test_ctrl_c_stops_promptly_and_leaves_no_output(model, rng, tmp_path) -> Non
     assert "interrupted" in error
     assert "Traceback" not in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npy", "model.pt"]
+
+
+def test_ctrl_c_stops_training_and_writes_the_model(image, tmp_path) -> None:
+    labels = np.zeros(image.shape, np.uint8)
+    labels[10:20, 10:40], labels[60:70, 50:90] = 1, 2
+    np.save(tmp_path / "image.npy", image)
+    np.save(tmp_path / "labels.npy", labels)
+    command = [sys.executable, "-m", "napari_dsparse.cli", "train"]
+    command += [str(tmp_path / "image.npy"), str(tmp_path / "labels.npy")]
+    command += ["-o", str(tmp_path / "model.pt"), "--seconds", "120", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": SRC, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    while not process.stdout.readline().startswith("step"):
+        assert process.poll() is None, process.stderr.read()
+    process.send_signal(signal.SIGINT)
+    out, error = process.communicate(timeout=30)
+    assert process.returncode == 130, error
+    assert "stopped by Ctrl-C" in out and "wrote" in out
+    assert "interrupted" in error and "Traceback" not in error
+    assert load_classifier(tmp_path / "model.pt").provenance["steps"] >= 1
 
 
 def test_export_a_bioimageio_package(model, tmp_path, monkeypatch) -> None:

@@ -7,10 +7,18 @@ import threading
 
 import numpy as np
 import pytest
+import tifffile
 
 from napari_dsparse import large
 from napari_dsparse.data import InputError, as_channels_first
-from napari_dsparse.interrupts import interrupts_between_steps, stop_if_interrupted
+from napari_dsparse.export import load_classifier
+from napari_dsparse.interrupts import (
+    interrupts_between_steps,
+    stop_if_interrupted,
+    take_interrupt,
+)
+from napari_dsparse.samples import coins_sample
+from napari_dsparse.workflows import train_from_pairs
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +66,16 @@ def test_a_second_ctrl_c_stops_at_once(capsys) -> None:
 def test_no_ctrl_c_no_interrupt() -> None:
     with interrupts_between_steps():
         stop_if_interrupted()
+        assert not take_interrupt()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_taken_ctrl_c_is_the_caller_s_to_handle() -> None:
+    with interrupts_between_steps():
+        signal.raise_signal(signal.SIGINT)
+        assert take_interrupt()
+        assert not take_interrupt()  # handled once
+    # and the block ends without raising
 
 
 def test_another_handler_and_other_threads_are_left_alone() -> None:
@@ -135,3 +152,46 @@ def test_a_ctrl_c_while_the_tif_is_written_leaves_nothing(
     assert large.tile_for_memory(classifier, 4 * 2**20) == 16  # bands of 16 rows
     assert len(streamed) == 6  # one band of the 5 x 6 TIFF tiles, then it stopped
     assert [p.name for p in tmp_path.iterdir()] == ["a.npy"]
+
+
+@pytest.fixture
+def painted(tmp_path) -> list[tuple[str, str]]:
+    image, labels = coins_sample()
+    tifffile.imwrite(tmp_path / "image.tif", image[:96, :128])
+    np.save(tmp_path / "labels.npy", labels[:96, :128])
+    return [(str(tmp_path / "image.tif"), str(tmp_path / "labels.npy"))]
+
+
+def _press_ctrl_c(times: int, reports: list[str]):
+    """A report callback that presses Ctrl-C ``times`` times at the first step."""
+
+    def report(message: str) -> None:
+        reports.append(message)
+        if message.startswith("step") and len(reports) == 2:
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+
+    return report
+
+
+def test_ctrl_c_stops_training_and_saves_the_model_so_far(painted, tmp_path) -> None:
+    reports: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        train_from_pairs(
+            painted, tmp_path / "model.pt", seconds=60, report=_press_ctrl_c(1, reports)
+        )
+    model = load_classifier(tmp_path / "model.pt")
+    assert model.provenance["steps"] == 1  # pressed as step 1 was reported
+    assert "stopped by Ctrl-C: 1 steps" in reports[2]
+    assert reports[-1] == f"wrote {tmp_path / 'model.pt'}"
+    assert any(message.startswith("class shares") for message in reports)
+
+
+def test_a_second_ctrl_c_quits_without_saving(painted, tmp_path) -> None:
+    reports: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        train_from_pairs(
+            painted, tmp_path / "model.pt", seconds=60, report=_press_ctrl_c(2, reports)
+        )
+    assert not (tmp_path / "model.pt").exists()
+    assert len(reports) == 2

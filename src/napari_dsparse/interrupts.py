@@ -5,8 +5,9 @@ inside a zarr write, it leaves the write running on zarr's I/O thread, where it 
 land after the scratch store has been removed; raised inside a finaliser, it is
 printed and dropped, and the work goes on as if nothing had been pressed. Within
 :func:`interrupts_between_steps` the first Ctrl-C only takes note, and the next
-:func:`stop_if_interrupted` (or the end of the block) raises it; a second Ctrl-C
-raises at once, for work that never reaches a step's end.
+:func:`stop_if_interrupted` (or the end of the block) raises it, or
+:func:`take_interrupt` hands it to the caller, which may finish up first (save what
+it has); a second Ctrl-C raises at once, for work that never reaches a step's end.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["interrupts_between_steps", "stop_if_interrupted"]
+__all__ = ["interrupts_between_steps", "stop_if_interrupted", "take_interrupt"]
 
 _pending = threading.Event()
 
@@ -47,13 +48,20 @@ def interrupts_between_steps(notice: str = "") -> Iterator[None]:
 
 
 def stop_if_interrupted() -> None:
-    """Raise ``KeyboardInterrupt`` if Ctrl-C was pressed since the last check.
+    """Raise ``KeyboardInterrupt`` if Ctrl-C was pressed since the last check."""
+    if take_interrupt():
+        raise KeyboardInterrupt
+
+
+def take_interrupt() -> bool:
+    """Whether Ctrl-C was pressed since the last check; the press is then handled.
 
     Only in the main thread, the one a held Ctrl-C belongs to.
     """
     if threading.current_thread() is threading.main_thread() and _pending.is_set():
         _pending.clear()
-        raise KeyboardInterrupt
+        return True
+    return False
 
 
 def _hold(notice: str, signum: int, frame) -> None:

@@ -23,6 +23,7 @@ from napari_dsparse.data import (
 )
 from napari_dsparse.export import load_classifier, save_classifier
 from napari_dsparse.files import IMAGE_SUFFIXES, read_array
+from napari_dsparse.interrupts import interrupts_between_steps, take_interrupt
 from napari_dsparse.large import (
     DEFAULT_MEMORY,
     Outputs,
@@ -46,6 +47,7 @@ __all__ = [
 
 Report = Callable[[str], None]
 DEFAULT_SECONDS = 30.0
+SAVING = "stopping after this step to save the model (Ctrl-C again: quit, save nothing)"
 
 
 def _silent(_message: str) -> None:
@@ -105,7 +107,9 @@ def train_from_pairs(
     Images may differ in size but must have the same channels. ``normalization``
     is ``"per_image"`` (each image by its own percentiles, also at prediction) or
     ``"fixed"`` (the percentiles of all training images pooled, for every image).
-    ``prior_strength`` is ``TrainConfig.prior_strength``.
+    ``prior_strength`` is ``TrainConfig.prior_strength``. A Ctrl-C in the main
+    thread stops training after the step under way; the model trained so far is
+    written, then ``KeyboardInterrupt`` is raised.
     """
     if not pairs:
         raise InputError("give at least one image and its labels")
@@ -143,7 +147,9 @@ def train_from_pairs(
     )
     config = TrainConfig(seed=seed, prior_strength=prior_strength)
     trainer = Trainer.from_set(classifier, training_set, config)
-    _drive(iter_train(trainer, steps=steps, seconds=seconds), report)
+    stopped = _drive(iter_train(trainer, steps=steps, seconds=seconds), report)
+    if stopped:
+        trainer.fit_class_prior()  # iter_train fits it only when its budget runs out
     if trainer.image_prior is not None:
         shares = zip(classifier.class_names, trainer.image_prior, strict=True)
         report(
@@ -152,6 +158,8 @@ def train_from_pairs(
         )
     save_classifier(classifier, output)
     report(f"wrote {output}")
+    if stopped:
+        raise KeyboardInterrupt
     return classifier
 
 
@@ -178,20 +186,31 @@ def _pair_names(images: Sequence[Path]) -> list[str]:
     return names
 
 
-def _drive(statuses, report: Report, every: float = 1.0) -> None:
-    """Run a training generator, reporting at most once per ``every`` seconds."""
+def _drive(statuses, report: Report, every: float = 1.0) -> bool:
+    """Run a training generator, reporting at most once per ``every`` seconds.
+
+    Returns whether a Ctrl-C stopped it, between two steps, before its end.
+    """
     last = 0.0
     status = None
-    for status in statuses:
-        if time.perf_counter() - last >= every:
-            last = time.perf_counter()
-            report(
-                f"step {status.step:6d}  loss {status.loss:.4f}  "
-                f"{status.steps_per_second:5.1f} steps/s  "
-                f"rate {status.learning_rate:.1e}"
-            )
+    stopped = False
+    with interrupts_between_steps(SAVING):
+        for status in statuses:
+            if time.perf_counter() - last >= every:
+                last = time.perf_counter()
+                report(
+                    f"step {status.step:6d}  loss {status.loss:.4f}  "
+                    f"{status.steps_per_second:5.1f} steps/s  "
+                    f"rate {status.learning_rate:.1e}"
+                )
+            if take_interrupt():
+                stopped = True
+                break
+        stopped = take_interrupt() or stopped  # pressed as the budget ran out
     if status is not None:
-        report(f"done: {status.step} steps, last loss {status.loss:.4f}")
+        done = "stopped by Ctrl-C" if stopped else "done"
+        report(f"{done}: {status.step} steps, last loss {status.loss:.4f}")
+    return stopped
 
 
 def predict_files(
