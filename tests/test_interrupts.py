@@ -104,12 +104,20 @@ def test_another_handler_and_other_threads_are_left_alone() -> None:
     assert went_on == "the worker went on"
 
 
-def test_a_ctrl_c_during_a_tile_write_lets_it_land_then_stops(
-    make_classifier, rng, tmp_path, monkeypatch
-) -> None:
+SMALL_MEMORY = 4 * 2**20  # tiles of 16 x 16 pixels for the fast preset
+
+
+@pytest.fixture
+def classifier(make_classifier, rng, tmp_path):
+    """A fresh classifier, and a (70, 90) image for it saved as ``a.npy``."""
     picture = rng.integers(0, 4000, (70, 90), dtype=np.uint16)
     np.save(tmp_path / "a.npy", picture)
-    classifier = make_classifier(as_channels_first(picture), num_classes=2)
+    return make_classifier(as_channels_first(picture), num_classes=2)
+
+
+def test_a_ctrl_c_during_a_tile_write_lets_it_land_then_stops(
+    classifier, tmp_path, monkeypatch
+) -> None:
     store_tile = large._store_tile
     written = []
 
@@ -121,7 +129,7 @@ def test_a_ctrl_c_during_a_tile_write_lets_it_land_then_stops(
     monkeypatch.setattr(large, "_store_tile", store_after_a_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         large.predict_file(
-            classifier, tmp_path / "a.npy", tmp_path / "out.tif", memory=4 * 2**20
+            classifier, tmp_path / "a.npy", tmp_path / "out.tif", memory=SMALL_MEMORY
         )
     assert len(written) == 1  # the first tile landed whole, and no other began
     assert written[0].min() >= 1
@@ -129,11 +137,8 @@ def test_a_ctrl_c_during_a_tile_write_lets_it_land_then_stops(
 
 
 def test_a_ctrl_c_while_the_tif_is_written_leaves_nothing(
-    make_classifier, rng, tmp_path, monkeypatch
+    classifier, tmp_path, monkeypatch
 ) -> None:
-    picture = rng.integers(0, 4000, (70, 90), dtype=np.uint16)
-    np.save(tmp_path / "a.npy", picture)
-    classifier = make_classifier(as_channels_first(picture), num_classes=2)
     tif_tiles = large._tif_tiles
     streamed = []
 
@@ -147,9 +152,9 @@ def test_a_ctrl_c_while_the_tif_is_written_leaves_nothing(
     monkeypatch.setattr(large, "_tif_tiles", tiles_after_a_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         large.predict_file(
-            classifier, tmp_path / "a.npy", tmp_path / "out.tif", memory=4 * 2**20
+            classifier, tmp_path / "a.npy", tmp_path / "out.tif", memory=SMALL_MEMORY
         )
-    assert large.tile_for_memory(classifier, 4 * 2**20) == 16  # bands of 16 rows
+    assert large.tile_for_memory(classifier, SMALL_MEMORY) == 16  # bands of 16 rows
     assert len(streamed) == 6  # one band of the 5 x 6 TIFF tiles, then it stopped
     assert [p.name for p in tmp_path.iterdir()] == ["a.npy"]
 
