@@ -258,6 +258,18 @@ def test_channel_mismatch(classifier, rng, tmp_path) -> None:
         predict_file(classifier, tmp_path / "rgb.npy", tmp_path / "out.tif")
 
 
+def test_planes_that_may_be_channels_get_a_hint(make_classifier, rng, tmp_path) -> None:
+    planes = rng.integers(0, 255, (2, 20, 20), dtype=np.uint8)
+    np.save(tmp_path / "planes.npy", planes)
+    two_channels = make_classifier(as_channels_first(planes, channel_axis=0))
+    with pytest.raises(InputError, match=r"first axis \(2 planes\).*--channel-axis 0"):
+        predict_file(two_channels, tmp_path / "planes.npy", tmp_path / "out.tif")
+    predict_file(
+        two_channels, tmp_path / "planes.npy", tmp_path / "out.tif", channel_axis=0
+    )
+    assert tifffile.imread(tmp_path / "out.tif").shape == (20, 20)
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [

@@ -125,6 +125,7 @@ def test_train_reports_the_class_shares_and_takes_a_prior_strength(
         ("image.tif", "empty.npy", "no painted pixels|fewer than two"),
         ("image.tif", "single.npy", "fewer than two classes"),
         ("nan.tif", "nanlabels.npy", "NaN"),
+        ("planes.tif", "nanlabels.npy", r"planes are channels.*--channel-axis 0"),
     ],
 )
 def test_bad_training_input_is_one_line_and_exit_2(
@@ -142,6 +143,7 @@ def test_bad_training_input_is_one_line_and_exit_2(
     nan_labels = np.zeros((20, 20), np.uint8)
     nan_labels[1, 1], nan_labels[9, 9] = 1, 2
     _write(files / "nanlabels.npy", nan_labels)
+    _write(files / "planes.tif", np.arange(800, dtype=np.float32).reshape(2, 20, 20))
     code, _, err = run(
         capsys,
         "train",

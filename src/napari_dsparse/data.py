@@ -145,9 +145,14 @@ def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarr
     if labels.ndim > 3 and (planes, *labels.shape[-2:]) == tuple(spatial_shape):
         labels = labels.reshape(spatial_shape)  # a time series: planes as slices
     if labels.shape not in (spatial_shape, image_shape):
-        raise InputError(
-            f"labels shape {labels.shape} differs from the image's {image_shape}"
-        )
+        hint = ""
+        if len(image_shape) == 3 and labels.shape == image_shape[1:]:
+            hint = (
+                f"; if the image's {image_shape[0]} planes are channels, give "
+                "the channel axis (--channel-axis 0)"
+            )
+        shapes = f"labels shape {labels.shape} differs from the image's {image_shape}"
+        raise InputError(shapes + hint)
     if np.issubdtype(labels.dtype, np.floating):
         if not np.isfinite(labels).all() or (labels != np.round(labels)).any():
             raise InputError("labels must be whole numbers (0 unpainted, 1..K classes)")

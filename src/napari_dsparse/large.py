@@ -224,6 +224,16 @@ def tile_for_memory(classifier: Classifier, memory: int) -> int:
 # -- predicting into a zarr store -------------------------------------------------
 
 
+def _check_planes_are_not_channels(classifier: Classifier, image: da.Array) -> None:
+    """A single-channel image whose first axis has the model's channel count."""
+    channels = classifier.in_channels
+    if channels > 1 and image.shape[0] == 1 and image.shape[1] == channels:
+        raise InputError(
+            f"the model expects {channels} channels, the image has 1; if its "
+            f"first axis ({channels} planes) holds the channels, pass --channel-axis 0"
+        )
+
+
 def predict_file(
     classifier: Classifier,
     image_path: str | Path,
@@ -245,6 +255,8 @@ def predict_file(
     output = Path(output)
     targets = _targets(output, outputs)
     image = as_channels_first(open_lazy(image_path), channel_axis)  # (C, Z, Y, X)
+    if channel_axis is None:
+        _check_planes_are_not_channels(classifier, image)
     _check_compatible(classifier, image)
     # The model's policy, resolved once for the whole image (per image: one pass
     # over a subsample of its pixels), never per tile or chunk.
