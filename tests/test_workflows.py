@@ -116,6 +116,22 @@ def test_train_reports_the_class_shares_and_takes_a_prior_strength(
     assert "must be between 0 and 1, got 2" in capsys.readouterr().err
 
 
+def test_classes_without_strokes_are_named_and_left_out_of_the_counts(
+    files, capsys
+) -> None:
+    labels = np.load(files / "labels.npy")
+    labels[labels == 2] = 7  # classes 2-6 have no strokes
+    np.save(files / "gaps.npy", labels)
+    argv = ["train", files / "image.tif", files / "gaps.npy", "--steps", "2"]
+    code, out, _ = run(capsys, *argv, "-o", files / "m.pt")
+    assert code == 0
+    painted = [int(n) for n in np.bincount(labels.ravel())[[1, 7]]]
+    assert f"painted: class 1 {painted[0]} px, class 7 {painted[1]} px\n" in out
+    assert "no strokes of class 2-6: the model keeps classes 1..7" in out
+    assert re.search(r"class shares .*: class 1 [\d.]+ %, class 7 [\d.]+ %\n", out)
+    assert load_classifier(files / "m.pt").num_classes == 7
+
+
 @pytest.mark.parametrize(
     ("image", "labels", "message"),
     [

@@ -141,20 +141,27 @@ def train_from_pairs(
     training_set = TrainingSet(classifier.normalization, num_classes)
     for name, (image, labels) in zip(names, loaded, strict=True):
         training_set.add(name, image, labels)
+    painted = [f"class {k} {n} px" for k, n in enumerate(counts.tolist(), 1) if n]
     report(
         f"training {classifier.preset.name} (P = {classifier.patch_size}) on {target} "
-        f"from {len(loaded)} image(s): painted pixels per class {counts.tolist()}"
+        f"from {len(loaded)} image(s), painted: {', '.join(painted)}"
     )
+    unpainted = [k for k, n in enumerate(counts.tolist(), 1) if not n]
+    if unpainted:
+        report(
+            f"no strokes of class {_id_ranges(unpainted)}: the model keeps classes "
+            f"1..{num_classes} but has nothing to learn those from"
+        )
     config = TrainConfig(seed=seed, prior_strength=prior_strength)
     trainer = Trainer.from_set(classifier, training_set, config)
     stopped = _drive(iter_train(trainer, steps=steps, seconds=seconds), report)
     if stopped:
         trainer.fit_class_prior()  # iter_train fits it only when its budget runs out
     if trainer.image_prior is not None:
-        shares = zip(classifier.class_names, trainer.image_prior, strict=True)
+        shares = zip(classifier.class_names, trainer.image_prior, counts, strict=True)
         report(
             "class shares estimated in the training images: "
-            + ", ".join(f"{name} {100 * share:.1f} %" for name, share in shares)
+            + ", ".join(f"{name} {100 * p:.1f} %" for name, p, n in shares if n)
         )
     save_classifier(classifier, output)
     report(f"wrote {output}")
@@ -173,6 +180,17 @@ def _read_pair(
     except InputError as error:
         raise InputError(f"{labels_path}: {error}") from error
     return image, labels
+
+
+def _id_ranges(ids: Sequence[int]) -> str:
+    """Sorted class ids as runs: ``[2, 3, 4, 7]`` -> ``"2-4, 7"``."""
+    runs: list[list[int]] = []
+    for k in ids:
+        if runs and k == runs[-1][-1] + 1:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
 
 
 def _pair_names(images: Sequence[Path]) -> list[str]:
