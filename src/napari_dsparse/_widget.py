@@ -68,6 +68,7 @@ PREDICTION_SUFFIX = " prediction"
 EMPTY_SET_TEXT = "training set: the image above only"
 UNCERTAINTY_SUFFIX = " uncertainty"
 AUTOSAVE_PATH = Path.home() / ".napari-dsparse" / f"autosave{SESSION_SUFFIX}"
+_ZEROS_LISTED = 3  # classes without strokes named in the status; more are counted
 
 
 def _check_pair(
@@ -1056,10 +1057,12 @@ def _single_shot(interval_ms: int, slot) -> QTimer:
 
 
 def _status_text(session: LiveSession, status: TrainStatus) -> str:
-    painted = ", ".join(
-        f"{name} {count}"
-        for name, count in zip(session.class_names, status.painted, strict=False)
-    )
+    counts = list(zip(session.class_names, status.painted, strict=False))
+    unpainted = sum(1 for _, count in counts if not count)
+    shown = [(name, n) for name, n in counts if n or unpainted <= _ZEROS_LISTED]
+    painted = ", ".join(f"{name} {count}" for name, count in shown)
+    if unpainted > _ZEROS_LISTED:
+        painted += f" ({unpainted} classes without strokes)"
     device = session.classifier.device if session.classifier else "?"
     return (
         f"step {status.step} · loss {status.loss:.3f} · "

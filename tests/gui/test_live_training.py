@@ -63,6 +63,17 @@ def test_a_new_class_reaches_the_trainer(trained_viewer, qtbot) -> None:
     )
 
 
+def test_a_far_class_id_is_counted_not_listed(trained_viewer, qtbot) -> None:
+    _viewer, widget, scribbles = trained_viewer
+    _paint_line(scribbles, 90, range(10, 30), 40)  # classes 3-39 stay unpainted
+    expected = int((scribbles.data == 40).sum())
+    qtbot.waitUntil(
+        lambda: f"class 40 {expected}" in widget.status.value, timeout=20_000
+    )
+    assert "(37 classes without strokes)" in widget.status.value
+    assert "class 3 " not in widget.status.value
+
+
 def test_training_never_writes_into_the_scribbles(trained_viewer, qtbot) -> None:
     _viewer, widget, scribbles = trained_viewer
     before = scribbles.data.copy()
