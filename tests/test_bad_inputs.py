@@ -60,6 +60,17 @@ def test_nan_and_infinite_pixels_are_refused(bad, rng) -> None:
         LiveSession(image, ("a", "b"))
 
 
+def test_complex_images_are_refused_for_training_and_prediction(
+    make_classifier, rng
+) -> None:
+    image = (rng.normal(size=(1, 1, 20, 20)) * (1 + 1j)).astype(np.complex64)
+    with pytest.raises(InputError, match="complex"):
+        check_trainable_image(image)
+    classifier = make_classifier(image.real.astype(np.float32))
+    with pytest.raises(InputError, match="complex"):
+        predict_proba(classifier, image)
+
+
 @pytest.mark.parametrize(
     ("labels", "message"),
     [

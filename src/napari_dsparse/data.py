@@ -64,9 +64,14 @@ def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.
 
 
 def check_image(image: np.ndarray, min_size: int = 1) -> None:
-    """Raise ``InputError`` for NaN/Inf pixels, non-numeric data or tiny images."""
+    """Raise ``InputError`` for NaN/Inf pixels, non-real data or tiny images."""
     if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
         raise InputError(f"the image has non-numeric dtype {image.dtype}")
+    if np.issubdtype(image.dtype, np.complexfloating):
+        raise InputError(
+            f"the image is complex ({image.dtype}); give its magnitude or its real "
+            "and imaginary parts as channels"
+        )
     if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
         raise InputError(
             "the image contains NaN or infinite pixels; replace them first"
