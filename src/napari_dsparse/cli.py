@@ -207,7 +207,9 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
         "--probabilities", action="store_true", help="also write class probabilities"
     )
     predict.add_argument(
-        "--uncertainty", action="store_true", help="also write 1 - max probability"
+        "--uncertainty",
+        action="store_true",
+        help="also write 1 - max probability, rescaled to 0-1 (1: all classes equal)",
     )
     predict.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best)")
     _add_channel_axis(predict)
