@@ -172,6 +172,9 @@ def connect(scheduler: str) -> Iterator:
                 threads_per_worker=1,
                 processes=False,
                 dashboard_address=None,
+                # The scheduler's HTTP server (health, metrics) on a free port, so
+                # that a second local cluster does not warn that 8787 is taken.
+                scheduler_kwargs={"dashboard_address": ":0"},
             ) as cluster,
             Client(cluster) as client,
         ):
