@@ -154,7 +154,7 @@ def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarr
         if len(image_shape) == 3 and labels.shape == image_shape[1:]:
             hint = (
                 f"; if the image's {image_shape[0]} planes are channels, give "
-                "the channel axis (--channel-axis 0)"
+                "the channel axis (--channel-axis 0 on the command line)"
             )
         shapes = f"labels shape {labels.shape} differs from the image's {image_shape}"
         raise InputError(shapes + hint)
