@@ -108,6 +108,9 @@ def test_class_ids_with_gaps_train_with_a_notice(rng) -> None:
     assert session.trainer.steps_done > 0
     assert session.trainer.weights.tolist()[1] == 0  # the gap weighs nothing
     assert not [e for e in _events(session, labels) if isinstance(e, Notice)]
+    labels[labels == 3] = 40  # classes 2-39 unpainted: one range, not 38 names
+    notices = [e.message for e in _events(session, labels) if isinstance(e, Notice)]
+    assert notices == ["no strokes of class 2-39: it is not predicted until painted"]
 
 
 def test_an_image_smaller_than_the_receptive_field_trains_with_a_warning(

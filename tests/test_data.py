@@ -12,6 +12,7 @@ from napari_dsparse.data import (
     check_image,
     check_labels,
     class_counts,
+    class_id_ranges,
     class_weights,
     read_window,
 )
@@ -125,3 +126,15 @@ def test_rgba_alpha_is_ignored() -> None:
     image[..., 3] = 255
     out = as_channels_first(image)
     assert out.shape == (3, 1, 4, 5) and out.max() == 0
+
+
+@pytest.mark.parametrize(
+    ("ids", "names", "expected"),
+    [
+        ([2, 5, 6, 7], ("a", "b"), "2 ('b'), 5-7"),
+        ([3, 4], (), "3, 4"),
+        ([3, *range(10, 300), 301], ("a",), "3, 10-299, 301"),
+    ],
+)
+def test_class_id_ranges_name_short_runs_and_fold_long_ones(ids, names, expected):
+    assert class_id_ranges(ids, names) == expected

@@ -25,6 +25,7 @@ __all__ = [
     "check_labels",
     "check_trainable_image",
     "class_counts",
+    "class_id_ranges",
     "class_weights",
     "missing_classes",
     "painted_classes",
@@ -137,6 +138,33 @@ def missing_classes(labels: np.ndarray) -> list[int]:
     if not present.size:
         return []
     return sorted(set(range(1, int(present[-1]) + 1)) - set(present.tolist()))
+
+
+def class_id_ranges(ids: Sequence[int], names: Sequence[str] = ()) -> str:
+    """Sorted class ids for a message: runs of three or more as ``"3-39"``.
+
+    Other ids stand alone, with their name where ``names`` (of classes 1..) has one:
+    ``[2, 5, 6, 7]`` with names ``("a", "b")`` gives ``"2 ('b'), 5-7"``.
+    """
+    runs: list[list[int]] = []
+    for k in ids:
+        if runs and k == runs[-1][-1] + 1:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    parts = []
+    for run in runs:
+        if len(run) >= 3:
+            parts.append(f"{run[0]}-{run[-1]}")
+        else:
+            parts.extend(_named(k, names) for k in run)
+    return ", ".join(parts)
+
+
+def _named(class_id: int, names: Sequence[str]) -> str:
+    if class_id <= len(names):
+        return f"{class_id} ({names[class_id - 1]!r})"
+    return str(class_id)
 
 
 def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarray:

@@ -224,14 +224,20 @@ def tile_for_memory(classifier: Classifier, memory: int) -> int:
 # -- predicting into a zarr store -------------------------------------------------
 
 
-def _check_planes_are_not_channels(classifier: Classifier, image: da.Array) -> None:
-    """A single-channel image whose first axis has the model's channel count."""
-    channels = classifier.in_channels
-    if channels > 1 and image.shape[0] == 1 and image.shape[1] == channels:
-        raise InputError(
-            f"the model expects {channels} channels, the image has 1; if its "
-            f"first axis ({channels} planes) holds the channels, pass --channel-axis 0"
-        )
+def _check_channels(
+    classifier: Classifier, image: da.Array, channel_axis: int | None
+) -> None:
+    """:func:`_check_compatible`, hinting at ``--channel-axis 0`` where it fits."""
+    try:
+        _check_compatible(classifier, image)
+    except InputError as error:
+        channels = classifier.in_channels
+        if channel_axis is None and image.shape[:2] == (1, channels):
+            raise InputError(
+                f"{error}; if its first axis ({channels} planes) holds the channels, "
+                "pass --channel-axis 0"
+            ) from None
+        raise
 
 
 def predict_file(
@@ -255,9 +261,7 @@ def predict_file(
     output = Path(output)
     targets = _targets(output, outputs)
     image = as_channels_first(open_lazy(image_path), channel_axis)  # (C, Z, Y, X)
-    if channel_axis is None:
-        _check_planes_are_not_channels(classifier, image)
-    _check_compatible(classifier, image)
+    _check_channels(classifier, image, channel_axis)
     # The model's policy, resolved once for the whole image (per image: one pass
     # over a subsample of its pixels), never per tile or chunk.
     normalization = classifier.normalization.for_image(image)

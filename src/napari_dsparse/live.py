@@ -22,6 +22,7 @@ from napari_dsparse.data import (
     Normalization,
     check_labels,
     check_trainable_image,
+    class_id_ranges,
     painted_classes,
     small_image_warning,
 )
@@ -341,12 +342,7 @@ class LiveSession:
         painted = self._painted_classes()
         gaps = sorted(set(range(1, max(painted, default=0) + 1)) - painted)
         if gaps and gaps != self._gaps:
-            names = ", ".join(
-                f"{k} ({self.class_names[k - 1]!r})"
-                if k <= len(self.class_names)
-                else str(k)
-                for k in gaps
-            )
+            names = class_id_ranges(gaps, self.class_names)
             self.tell(f"no strokes of class {names}: it is not predicted until painted")
         self._gaps = gaps
 

@@ -20,6 +20,7 @@ from napari_dsparse.data import (
     check_labels,
     check_trainable_image,
     class_counts,
+    class_id_ranges,
 )
 from napari_dsparse.export import load_classifier, save_classifier
 from napari_dsparse.files import IMAGE_SUFFIXES, read_array
@@ -149,8 +150,8 @@ def train_from_pairs(
     unpainted = [k for k, n in enumerate(counts.tolist(), 1) if not n]
     if unpainted:
         report(
-            f"no strokes of class {_id_ranges(unpainted)}: the model keeps classes "
-            f"1..{num_classes} but has nothing to learn those from"
+            f"no strokes of class {class_id_ranges(unpainted)}: the model keeps "
+            f"classes 1..{num_classes} but has nothing to learn those from"
         )
     config = TrainConfig(seed=seed, prior_strength=prior_strength)
     trainer = Trainer.from_set(classifier, training_set, config)
@@ -180,17 +181,6 @@ def _read_pair(
     except InputError as error:
         raise InputError(f"{labels_path}: {error}") from error
     return image, labels
-
-
-def _id_ranges(ids: Sequence[int]) -> str:
-    """Sorted class ids as runs: ``[2, 3, 4, 7]`` -> ``"2-4, 7"``."""
-    runs: list[list[int]] = []
-    for k in ids:
-        if runs and k == runs[-1][-1] + 1:
-            runs[-1].append(k)
-        else:
-            runs.append([k])
-    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
 
 
 def _pair_names(images: Sequence[Path]) -> list[str]:
