@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
+import tifffile
 
 from napari_dsparse.cli import main
 
@@ -54,6 +58,47 @@ def test_train_to_an_unwritable_path_fails_in_one_line(capsys, tmp_path, strokes
         "labels.npy",
         "taken",
     ]
+
+
+def _training_files(tmp_path, strokes):
+    image = np.random.default_rng(0).normal(size=(40, 40)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    tifffile.imwrite(tmp_path / "labels.tif", np.load(strokes))
+    strokes.unlink()  # labels.npy would share its name with labels.tif
+    return tmp_path / "image.tif", tmp_path / "labels.tif"
+
+
+@pytest.mark.parametrize("victim", ["image", "labels", "link to labels"])
+def test_train_never_writes_the_model_over_its_inputs(
+    capsys, tmp_path, strokes, victim
+) -> None:
+    image, labels = _training_files(tmp_path, strokes)
+    output = {"image": image, "labels": tmp_path / "." / "labels.tif"}.get(victim)
+    if output is None:
+        output = tmp_path / "link.tif"
+        output.symlink_to(labels)
+    before = image.read_bytes(), labels.read_bytes()
+    code, err = _run(capsys, "train", image, labels, "-o", output, "--steps", "2")
+    assert code == 2 and "would overwrite the input" in err and err.count("\n") == 1
+    assert (image.read_bytes(), labels.read_bytes()) == before
+
+
+def test_predict_never_writes_over_its_inputs(capsys, tmp_path, strokes) -> None:
+    image, labels = _training_files(tmp_path, strokes)
+    model = tmp_path / "m.pt"
+    assert _run(capsys, "train", image, labels, "-o", model, "--steps", "2")[0] == 0
+    shutil.copy(image, tmp_path / "image_uncertainty.tif")
+    os.link(image, tmp_path / "hard link.tif")
+    before = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    for argv in (
+        (image, "-o", image),  # the classes over the image
+        (image, "-o", tmp_path / "hard link.tif"),  # the same file by another name
+        (tmp_path, "-o", tmp_path),  # a folder predicted into itself
+        (tmp_path / "image_uncertainty.tif", "-o", image, "--uncertainty"),
+    ):
+        code, err = _run(capsys, "predict", model, *argv, "-q")
+        assert code == 2 and "would overwrite the input" in err, argv
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
 def test_a_time_series_with_a_channel_axis_trains(capsys, tmp_path) -> None:

@@ -244,6 +244,15 @@ def test_a_missing_output_folder_fails_before_any_work(
         predict_file(classifier, tmp_path / "a.npy", tmp_path / "no" / "out.tif")
 
 
+@pytest.mark.parametrize("output", ["a.tif", "a_probabilities.tif"])
+def test_the_image_is_never_an_output(classifier, picture, tmp_path, output) -> None:
+    image = tmp_path / output  # the classes' path, or that of their probabilities
+    tifffile.imwrite(image, picture)
+    with pytest.raises(InputError, match="would overwrite the input"):
+        predict_file(classifier, image, tmp_path / "a.tif", Outputs(probabilities=True))
+    assert tifffile.imread(image).tolist() == picture.tolist()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_a_read_only_folder(classifier, picture, tmp_path) -> None:
     np.save(tmp_path / "a.npy", picture)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import tifffile
 from napari_dsparse.data import InputError
 from napari_dsparse.export import write_atomically
 
-__all__ = ["IMAGE_SUFFIXES", "read_array", "write_tif"]
+__all__ = ["IMAGE_SUFFIXES", "check_not_overwriting", "read_array", "write_tif"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".npy", ".png")
 
@@ -48,3 +49,24 @@ def write_tif(path: str | Path, array: np.ndarray) -> Path:
         ),
     )
     return path
+
+
+def check_not_overwriting(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
+    """``InputError`` if writing one of ``outputs`` would replace one of ``inputs``.
+
+    Files are compared by identity (device and inode), so another spelling of the
+    same path, a symbolic link or a hard link counts as the same file.
+    """
+    sources = {_identity(path): path for path in map(Path, inputs) if path.exists()}
+    for output in map(Path, outputs):
+        source = sources.get(_identity(output)) if output.exists() else None
+        if source is not None:
+            raise InputError(
+                f"the output {output} would overwrite the input {source}; "
+                "choose another output"
+            )
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino

@@ -27,6 +27,7 @@ from torch import nn
 
 from napari_dsparse.data import InputError, Normalization, as_channels_first
 from napari_dsparse.export import WriteError, os_error_message, write_atomically
+from napari_dsparse.files import check_not_overwriting
 from napari_dsparse.interrupts import interrupts_between_steps, stop_if_interrupted
 from napari_dsparse.model import Classifier
 from napari_dsparse.predict import (
@@ -44,6 +45,7 @@ __all__ = [
     "open_lazy",
     "parse_memory",
     "predict_file",
+    "result_paths",
     "tile_for_memory",
 ]
 
@@ -260,6 +262,7 @@ def predict_file(
     """
     output = Path(output)
     targets = _targets(output, outputs)
+    check_not_overwriting(targets.values(), [Path(image_path)])
     image = as_channels_first(open_lazy(image_path), channel_axis)  # (C, Z, Y, X)
     _check_channels(classifier, image, channel_axis)
     # The model's policy, resolved once for the whole image (per image: one pass
@@ -374,16 +377,20 @@ def _create_store(
 
 
 def _targets(output: Path, outputs: Outputs) -> dict[str, Path]:
-    """Output path of each result; checks the folder before any work is done."""
-    name = output.name.lower()
-    if not name.endswith(OUTPUT_SUFFIXES):
+    """:func:`result_paths`, once the folder is checked (before any work is done)."""
+    if not output.name.lower().endswith(OUTPUT_SUFFIXES):
         raise InputError(f"output {output} must end with {', '.join(OUTPUT_SUFFIXES)}")
     folder = output.parent
     if not folder.is_dir():
         raise InputError(f"cannot write {output}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise InputError(f"cannot write {output}: folder {folder} is not writable")
-    if name.endswith(".zarr"):
+    return result_paths(output, outputs)
+
+
+def result_paths(output: Path, outputs: Outputs) -> dict[str, Path]:
+    """The path of each result for the classes' path ``output`` (.tif or .zarr)."""
+    if output.name.lower().endswith(".zarr"):
         return {"classes": output}
     return {
         kind: output

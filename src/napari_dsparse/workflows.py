@@ -23,7 +23,7 @@ from napari_dsparse.data import (
     class_id_ranges,
 )
 from napari_dsparse.export import load_classifier, save_classifier
-from napari_dsparse.files import IMAGE_SUFFIXES, read_array
+from napari_dsparse.files import IMAGE_SUFFIXES, check_not_overwriting, read_array
 from napari_dsparse.interrupts import interrupts_between_steps, take_interrupt
 from napari_dsparse.large import (
     DEFAULT_MEMORY,
@@ -31,6 +31,7 @@ from napari_dsparse.large import (
     open_lazy,
     predict_file,
     progress_bar,
+    result_paths,
 )
 from napari_dsparse.model import Classifier, pick_device
 from napari_dsparse.nets import DEFAULT_PRESET
@@ -114,6 +115,7 @@ def train_from_pairs(
     """
     if not pairs:
         raise InputError("give at least one image and its labels")
+    check_not_overwriting([Path(output)], [path for pair in pairs for path in pair])
     loaded = [_read_pair(image, labels, channel_axis) for image, labels in pairs]
     num_classes = max(int(labels.max()) for _, labels in loaded)
     counts = sum(class_counts(labels, num_classes) for _, labels in loaded)
@@ -361,6 +363,10 @@ def predict_many(
     images = expand_images(sources)
     targets = _output_paths(images, Path(output))
     outputs = Outputs(probabilities=probabilities, uncertainty=uncertainty)
+    check_not_overwriting(
+        [path for target in targets for path in result_paths(target, outputs).values()],
+        [Path(model_path), *images],
+    )
     summary = PredictSummary()
     bar = tqdm(
         total=len(images),
