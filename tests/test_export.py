@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,6 +52,23 @@ def test_round_trip_predicts_identically(
 def test_saving_leaves_no_temporary_files(make_classifier, image, tmp_path) -> None:
     save_classifier(make_classifier(image), tmp_path / "model.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_written_files_get_the_permissions_a_plain_write_gives(
+    make_classifier, image, tmp_path
+) -> None:
+    classifier, path = make_classifier(image), tmp_path / "model.pt"
+    previous = os.umask(0o027)
+    try:
+        save_classifier(classifier, path)
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # not a temporary file's 0o600
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    path.chmod(0o604)
+    save_classifier(classifier, path)  # a replaced file keeps its permissions
+    assert stat.S_IMODE(path.stat().st_mode) == 0o604
 
 
 def test_missing_model_file(tmp_path) -> None:

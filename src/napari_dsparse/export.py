@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -87,7 +88,11 @@ def save_classifier(classifier: Classifier, path: str | os.PathLike) -> Path:
 
 
 def write_atomically(path: Path, write: Callable[[str], object]) -> None:
-    """Call ``write(temporary_path)`` next to ``path``, then rename it to ``path``."""
+    """Call ``write(temporary_path)`` next to ``path``, then rename it to ``path``.
+
+    The file gets the permissions a plain write would give it: those of the file it
+    replaces, else the umask's (not the owner-only mode of a temporary file).
+    """
     if not path.parent.is_dir():
         raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
     try:
@@ -98,7 +103,9 @@ def write_atomically(path: Path, write: Callable[[str], object]) -> None:
         raise WriteError(f"cannot write {path}: {error.strerror}") from error
     os.close(handle)
     try:
+        mode = _mode_for(path)
         write(temporary)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
@@ -106,6 +113,25 @@ def write_atomically(path: Path, write: Callable[[str], object]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` would leave ``path`` with."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask: from /proc on Linux, else by setting it and back."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:"))[6:], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)  # other threads' new files may get 0o022 meanwhile
+        os.umask(mask)
+        return mask
 
 
 def os_error_message(path: Path, error: OSError) -> str:
