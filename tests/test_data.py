@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from napari_dsparse.data import (
+    MAX_CLASSES,
     InputError,
     Normalization,
     as_channels_first,
@@ -58,11 +59,19 @@ def test_nan_pixels_are_rejected() -> None:
         (np.zeros((9, 9), np.uint8), "differs"),
         (np.full((8, 8), 0.5), "whole numbers"),
         (np.full((8, 8), -1), "negative"),
+        (np.zeros((8, 8, 3), np.uint8), "colour picture: give one plane"),
+        (np.full((8, 8), MAX_CLASSES + 1, np.uint16), "set pixels that mean 'ignore'"),
     ],
+    ids=["shape", "fraction", "negative", "rgb", "too large"],
 )
 def test_bad_labels_are_rejected(labels, message) -> None:
     with pytest.raises(InputError, match=message):
         check_labels(labels, (1, 8, 8))
+
+
+def test_the_largest_class_id_is_accepted() -> None:
+    labels = np.full((8, 8), MAX_CLASSES, np.uint16)
+    assert check_labels(labels, (1, 8, 8)).max() == MAX_CLASSES
 
 
 def test_float_labels_with_whole_values_are_accepted() -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 __all__ = [
+    "MAX_CLASSES",
     "NORMALIZATION_POLICIES",
     "InputError",
     "Normalization",
@@ -32,6 +33,9 @@ __all__ = [
     "read_window",
     "small_image_warning",
 ]
+
+
+MAX_CLASSES = 1000  # a model's output channels; 65535 ones would not fit in memory
 
 
 class InputError(ValueError):
@@ -179,7 +183,9 @@ def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarr
         labels = labels.reshape(spatial_shape)  # a time series: planes as slices
     if labels.shape not in (spatial_shape, image_shape):
         hint = ""
-        if len(image_shape) == 3 and labels.shape == image_shape[1:]:
+        if labels.shape[:-1] == image_shape and labels.shape[-1] in (3, 4):
+            hint = "; they look like a colour picture: give one plane of class ids"
+        elif len(image_shape) == 3 and labels.shape == image_shape[1:]:
             hint = (
                 f"; if the image's {image_shape[0]} planes are channels, give "
                 "the channel axis (--channel-axis 0 on the command line)"
@@ -193,7 +199,14 @@ def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarr
         raise InputError(f"labels have non-numeric dtype {labels.dtype}")
     if labels.size and labels.min() < 0:
         raise InputError("labels must not be negative (0 unpainted, 1..K classes)")
-    out = np.asarray(labels, dtype=_label_dtype(int(labels.max(initial=0))))
+    largest = int(labels.max(initial=0))
+    if largest > MAX_CLASSES:
+        raise InputError(
+            f"the labels hold class {largest}, above {MAX_CLASSES}, the most classes "
+            "a model can have (0 unpainted, 1..K classes); set pixels that mean "
+            "'ignore' to 0"
+        )
+    out = np.asarray(labels, dtype=_label_dtype(largest))
     return out.reshape((1,) * (3 - out.ndim) + out.shape)
 
 

@@ -80,8 +80,15 @@ def test_bad_images_and_scribbles_are_notified_not_trained(
 
 @pytest.mark.parametrize(
     ("scribbles", "message"),
-    [(np.full((64, 64), -1, np.int32), "negative"), (_strokes((64, 64)) * 0, None)],
-    ids=["negative", "unpainted"],
+    [
+        (np.full((64, 64), -1, np.int32), "negative"),
+        (_strokes((64, 64)) * 0, None),
+        (
+            np.where(_strokes((64, 64)) == 2, np.uint16(65535), _strokes((64, 64))),
+            "'ignore'",
+        ),
+    ],
+    ids=["negative", "unpainted", "class 65535"],
 )
 def test_unusable_scribbles_stop_or_wait_with_a_message(
     make_napari_viewer, qtbot, shown, scribbles, message
