@@ -29,7 +29,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog
 
-from napari_dsparse.data import InputError, as_planes
+from napari_dsparse.data import MAX_CLASSES, InputError, as_planes
 from napari_dsparse.export import load_classifier, save_classifier
 from napari_dsparse.faults import predict_fitting
 from napari_dsparse.live import (
@@ -47,6 +47,7 @@ from napari_dsparse.nets import DEFAULT_PRESET, PRESETS
 from napari_dsparse.predict import (
     DEFAULT_TILE,
     Box,
+    class_dtype,
     iter_tiles,
     labels_and_uncertainty,
 )
@@ -111,6 +112,14 @@ def _spatial_shape(
 def _layer_geometry(image: napari.layers.Image, ndim: int) -> dict:
     """Scale and translate of the last ``ndim`` axes, for layers over ``image``."""
     return {"scale": image.scale[-ndim:], "translate": image.translate[-ndim:]}
+
+
+def _largest(scribbles: napari.layers.Labels) -> int:
+    """The largest class id the scribble layer's type can hold (at most 1000)."""
+    dtype = np.dtype(scribbles.data.dtype)
+    if not np.issubdtype(dtype, np.integer):
+        return MAX_CLASSES
+    return min(int(np.iinfo(dtype).max), MAX_CLASSES)
 
 
 def _scribble_layer_like(image: napari.layers.Image) -> napari.layers.Labels:
@@ -610,8 +619,12 @@ class DsparseWidget(Container):
         geometry = _layer_geometry(image, len(shape))
         scribbles = self._watched
         if name not in self._viewer.layers:
+            largest = MAX_CLASSES if scribbles is None else _largest(scribbles)
             layer = self._viewer.add_labels(
-                np.zeros(shape, np.uint8), name=name, opacity=0.5, **geometry
+                np.zeros(shape, class_dtype(largest)),
+                name=name,
+                opacity=0.5,
+                **geometry,
             )
             if scribbles is not None:
                 layer.colormap = scribbles.colormap
@@ -784,7 +797,7 @@ class DsparseWidget(Container):
             return None
         shape = _spatial_shape(target, multichannel)
         layer = self._viewer.add_labels(
-            np.zeros(shape, np.uint8),
+            np.zeros(shape, class_dtype(classifier.num_classes)),
             name=f"{target.name}{PREDICTION_SUFFIX}",
             **_layer_geometry(target, len(shape)),
         )

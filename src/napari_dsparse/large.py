@@ -32,6 +32,7 @@ from napari_dsparse.interrupts import interrupts_between_steps, stop_if_interrup
 from napari_dsparse.model import Classifier
 from napari_dsparse.predict import (
     _check_compatible,
+    class_dtype,
     iter_tiles,
     labels_and_uncertainty,
     predict_box,
@@ -353,7 +354,7 @@ def _create_store(
         "classes",
         shape=(depth, height, width),
         chunks=chunks,
-        dtype=np.uint8 if num_classes < 255 else np.uint16,
+        dtype=class_dtype(num_classes),
     )
     if outputs.probabilities:
         group.create_array(

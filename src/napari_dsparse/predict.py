@@ -18,6 +18,7 @@ from napari_dsparse.model import Classifier
 
 __all__ = [
     "Box",
+    "class_dtype",
     "iter_tiles",
     "labels_and_uncertainty",
     "predict_box",
@@ -119,11 +120,15 @@ def predict_proba(
     return out if region is None else out[:, 0]
 
 
+def class_dtype(largest_class: int) -> type[np.unsignedinteger]:
+    """The type of a class map holding classes up to ``largest_class``."""
+    return np.uint8 if largest_class <= np.iinfo(np.uint8).max else np.uint16
+
+
 def labels_and_uncertainty(proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Argmax classes 1..K (uint8 or uint16) and ``1 - max p`` rescaled to [0, 1]."""
     num_classes = proba.shape[0]
-    labels = proba.argmax(axis=0) + 1
-    labels = labels.astype(np.uint8 if num_classes < 255 else np.uint16)
+    labels = (proba.argmax(axis=0) + 1).astype(class_dtype(num_classes))
     uncertainty = (1 - proba.max(axis=0)) * (num_classes / max(num_classes - 1, 1))
     return labels, uncertainty.astype(np.float32)
 

@@ -107,6 +107,19 @@ def test_unusable_scribbles_stop_or_wait_with_a_message(
         assert widget.train_button.text == "Train"
 
 
+def test_class_ids_above_255_are_shown_as_themselves(make_napari_viewer, qtbot):
+    strokes = _strokes((64, 64)).astype(np.uint16)
+    strokes[strokes == 2] = 300  # the disc: class 300 (2-299 unpainted)
+    viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image(), strokes)
+    widget.train_button.clicked.emit()
+    qtbot.waitUntil(lambda: "img prediction" in viewer.layers, timeout=20_000)
+    prediction = viewer.layers["img prediction"]
+    qtbot.waitUntil(lambda: prediction.data[32, 32] == 300, timeout=30_000)
+    widget.stop()
+    qtbot.waitUntil(lambda: not widget._worker.is_running, timeout=5_000)
+    assert set(np.unique(prediction.data)) <= {1, 300}
+
+
 def test_a_time_series_trains_per_time_point(make_napari_viewer, qtbot) -> None:
     series = np.stack([_disc_image(48), _disc_image(48)[::-1]])[:, None]  # (T, Z, ..)
     strokes = np.zeros(series.shape, np.uint8)
