@@ -8,10 +8,23 @@ one-line message and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from napari_dsparse import __version__
+
+
+def say(text: str) -> None:
+    """Print a line; once stdout's reader has gone (``| head``), go on silently.
+
+    The work goes on: a model piped into ``head`` is still trained and written.
+    """
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python's recipe: stdout to /dev/null, so no later write or flush fails.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -26,7 +39,7 @@ def _run_train(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         channel_axis=args.channel_axis,
-        report=print,
+        report=say,
         normalization=args.normalization.replace("-", "_"),
         prior_strength=args.prior_strength,
     )
@@ -62,14 +75,14 @@ def _run_predict(args: argparse.Namespace) -> int:
         memory=args.memory,
         scheduler=args.scheduler or args.dask,
     )
-    print(summary.text())
+    say(summary.text())
     return 1 if summary.failed else 0
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from napari_dsparse.bioimageio_export import export_bioimageio
 
-    export_bioimageio(args.model, args.bioimageio, report=print)
+    export_bioimageio(args.model, args.bioimageio, report=say)
     return 0
 
 
@@ -153,8 +166,10 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--output", "-o", required=True, help="model file to write")
     budget = train.add_mutually_exclusive_group()
-    budget.add_argument("--seconds", type=float, help="training time (default: 30 s)")
-    budget.add_argument("--steps", type=int, help="number of training steps")
+    budget.add_argument(
+        "--seconds", type=_positive(float), help="training time (default: 30 s)"
+    )
+    budget.add_argument("--steps", type=_positive(int), help="number of training steps")
     train.add_argument(
         "--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="network"
     )
@@ -170,6 +185,23 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     _add_channel_axis(train)
     train.set_defaults(func=_run_train)
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: a number of ``kind`` above 0 (``inf`` allowed for floats)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a {'whole ' * (kind is int)}number, got {text!r}"
+            ) from None
+        if not value > 0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    return parse
 
 
 def _prior_strength(text: str) -> float:
