@@ -279,6 +279,13 @@ def test_planes_that_may_be_channels_get_a_hint(make_classifier, rng, tmp_path) 
     assert tifffile.imread(tmp_path / "out.tif").shape == (20, 20)
 
 
+def test_a_grayscale_model_gives_no_channel_hint(classifier, tmp_path) -> None:
+    np.save(tmp_path / "empty.npy", np.zeros((0, 5), np.float32))
+    with pytest.raises(InputError, match=r"0 x 5 pixels: it has no pixels") as error:
+        predict_file(classifier, tmp_path / "empty.npy", tmp_path / "out.tif")
+    assert "channel" not in str(error.value)
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [

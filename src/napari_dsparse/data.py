@@ -68,8 +68,8 @@ def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.
     raise InputError(f"expected 2 or more dimensions, got shape {image.shape}")
 
 
-def check_image(image: np.ndarray, min_size: int = 1) -> None:
-    """Raise ``InputError`` for NaN/Inf pixels, non-real data or tiny images."""
+def check_image(image: np.ndarray) -> None:
+    """Raise ``InputError`` for NaN/Inf pixels, non-real data or empty images."""
     if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
         raise InputError(f"the image has non-numeric dtype {image.dtype}")
     if np.issubdtype(image.dtype, np.complexfloating):
@@ -82,10 +82,9 @@ def check_image(image: np.ndarray, min_size: int = 1) -> None:
             "the image contains NaN or infinite pixels; replace them first"
         )
     height, width = image.shape[-2:]
-    if min(height, width) < min_size:
+    if min(height, width) < 1:
         raise InputError(
-            f"the image is {height} x {width} pixels; the model needs at least "
-            f"{min_size} x {min_size} (half its receptive field plus one)"
+            f"the image is {height} x {width} pixels: it has no pixels to classify"
         )
 
 

@@ -235,7 +235,7 @@ def _check_channels(
         _check_compatible(classifier, image)
     except InputError as error:
         channels = classifier.in_channels
-        if channel_axis is None and image.shape[:2] == (1, channels):
+        if channel_axis is None and channels > 1 and image.shape[:2] == (1, channels):
             raise InputError(
                 f"{error}; if its first axis ({channels} planes) holds the channels, "
                 "pass --channel-axis 0"
