@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 from napari_dsparse.cli import main
 from napari_dsparse.export import load_classifier
@@ -130,6 +131,18 @@ def test_classes_without_strokes_are_named_and_left_out_of_the_counts(
     assert "no strokes of class 2-6: the model keeps classes 1..7" in out
     assert re.search(r"class shares .*: class 1 [\d.]+ %, class 7 [\d.]+ %\n", out)
     assert load_classifier(files / "m.pt").num_classes == 7
+
+
+def test_palette_png_labels_give_their_indices(files, capsys) -> None:
+    labels = np.load(files / "labels.npy").astype(np.uint8)
+    palette = Image.fromarray(labels, mode="P")  # how annotation tools save them
+    palette.putpalette([0, 0, 0, 250, 20, 20, 20, 250, 20] + [0] * 759)
+    palette.save(files / "labels.png")
+    argv = ["train", files / "image.tif", files / "labels.png", "--steps", "2"]
+    code, out, err = run(capsys, *argv, "-o", files / "m.pt")
+    assert code == 0, err
+    painted = np.bincount(labels.ravel())[1:3].tolist()
+    assert f"painted: class 1 {painted[0]} px, class 2 {painted[1]} px\n" in out
 
 
 @pytest.mark.parametrize(

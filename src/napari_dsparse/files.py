@@ -11,7 +11,13 @@ import tifffile
 from napari_dsparse.data import InputError
 from napari_dsparse.export import write_atomically
 
-__all__ = ["IMAGE_SUFFIXES", "check_not_overwriting", "read_array", "write_tif"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "check_not_overwriting",
+    "read_array",
+    "read_labels",
+    "write_tif",
+]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".npy", ".png")
 
@@ -37,6 +43,25 @@ def read_array(path: str | Path) -> np.ndarray:
         return imread(path)
     except Exception as error:
         raise InputError(f"cannot read {path}: {error}") from error
+
+
+def read_labels(path: str | Path) -> np.ndarray:
+    """:func:`read_array` for label files: a palette PNG gives its indices.
+
+    Annotation tools save label maps as palette PNGs (index k painted in class k's
+    colour); read as a picture, they would be colours, not class ids.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".png" and path.is_file():
+        from PIL import Image
+
+        try:
+            with Image.open(path) as picture:
+                if picture.mode == "P":
+                    return np.asarray(picture)
+        except Exception as error:
+            raise InputError(f"cannot read {path}: {error}") from error
+    return read_array(path)
 
 
 def write_tif(path: str | Path, array: np.ndarray) -> Path:

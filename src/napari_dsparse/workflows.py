@@ -23,7 +23,12 @@ from napari_dsparse.data import (
     class_id_ranges,
 )
 from napari_dsparse.export import load_classifier, save_classifier
-from napari_dsparse.files import IMAGE_SUFFIXES, check_not_overwriting, read_array
+from napari_dsparse.files import (
+    IMAGE_SUFFIXES,
+    check_not_overwriting,
+    read_array,
+    read_labels,
+)
 from napari_dsparse.interrupts import interrupts_between_steps, take_interrupt
 from napari_dsparse.large import (
     DEFAULT_MEMORY,
@@ -179,7 +184,7 @@ def _read_pair(
     image = as_channels_first(read_array(image_path), channel_axis)  # (C, Z, Y, X)
     check_trainable_image(image)
     try:
-        labels = check_labels(read_array(labels_path), image.shape[1:])
+        labels = check_labels(read_labels(labels_path), image.shape[1:])
     except InputError as error:
         raise InputError(f"{labels_path}: {error}") from error
     return image, labels
