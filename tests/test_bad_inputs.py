@@ -18,6 +18,7 @@ from napari_dsparse.data import (
     small_image_warning,
 )
 from napari_dsparse.live import LiveSession, Mailbox, Notice, Waiting, iter_live
+from napari_dsparse.model import Classifier
 from napari_dsparse.predict import predict_proba
 from napari_dsparse.train import TrainConfig, Trainer
 
@@ -34,6 +35,22 @@ def _events(session: LiveSession, labels: np.ndarray, seconds: float = 0.05) -> 
     mailbox = Mailbox()
     mailbox.post_labels(labels)
     return list(iter_live(session, mailbox, round_seconds=seconds, rounds=1))
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (1, 40, 40), (1, 1, 1, 40, 40)])
+def test_arrays_not_laid_out_as_the_core_wants_are_named(shape) -> None:
+    """The Python API takes ``(C, Z, Y, X)``; a plain 2D array must not slip by."""
+    good = as_channels_first(np.random.default_rng(0).normal(size=(40, 40)))
+    classifier = Classifier.create(1, ("a", "b"), Normalization.from_image(good))
+    wrong = good.reshape(shape)
+    calls = [
+        lambda: Normalization.from_image(wrong),
+        lambda: Trainer(classifier, wrong, _strokes((40, 40))),
+        lambda: predict_proba(classifier, wrong),
+    ]
+    for call in calls:
+        with pytest.raises(InputError, match=r"expected a \(C, Z, Y, X\) array"):
+            call()
 
 
 def test_a_constant_image_is_refused_for_training() -> None:

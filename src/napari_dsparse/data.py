@@ -24,6 +24,7 @@ __all__ = [
     "as_planes",
     "check_image",
     "check_labels",
+    "check_layout",
     "check_trainable_image",
     "class_counts",
     "class_id_ranges",
@@ -66,6 +67,15 @@ def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.
     if moved.ndim >= 4:  # volumes; time series of planes or volumes as slices
         return as_planes(moved)
     raise InputError(f"expected 2 or more dimensions, got shape {image.shape}")
+
+
+def check_layout(image: np.ndarray) -> None:
+    """``InputError`` unless ``image`` has the core's layout, ``(C, Z, Y, X)``."""
+    if np.ndim(image) != 4:
+        raise InputError(
+            f"expected a (C, Z, Y, X) array, got shape {tuple(np.shape(image))}; "
+            "napari_dsparse.data.as_channels_first(image) gives that view"
+        )
 
 
 def check_image(image: np.ndarray) -> None:
@@ -286,6 +296,8 @@ class Normalization:
         """
         if not images:
             raise InputError("no images to normalise")
+        for image in images:
+            check_layout(image)
         if policy == "per_image":
             images = images[:1]
         channels = images[0].shape[0]

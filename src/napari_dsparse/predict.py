@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from napari_dsparse.data import InputError, Normalization, check_image, read_window
+from napari_dsparse.data import (
+    InputError,
+    Normalization,
+    check_image,
+    check_layout,
+    read_window,
+)
 from napari_dsparse.model import Classifier
 
 __all__ = [
@@ -134,6 +140,7 @@ def labels_and_uncertainty(proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_compatible(classifier: Classifier, image: np.ndarray) -> None:
+    check_layout(image)
     if image.shape[0] != classifier.in_channels:
         raise InputError(
             f"the model expects {classifier.in_channels} channel(s), "

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_dsparse.data import InputError, class_weights, read_window
+from napari_dsparse.data import InputError, check_layout, class_weights, read_window
 from napari_dsparse.model import Classifier
 from napari_dsparse.prior import estimate_image_prior, log_prior_ratio
 from napari_dsparse.training_set import Pair, TrainingSet
@@ -187,6 +187,7 @@ class Trainer:
 
     def add_pair(self, name: str, image: np.ndarray, labels: np.ndarray) -> None:
         """Add or replace the pair ``name``; the next step samples it too."""
+        check_layout(image)
         if image.shape[0] != self.classifier.in_channels:
             raise InputError(
                 f"{name!r} has {image.shape[0]} channel(s) but the model expects "

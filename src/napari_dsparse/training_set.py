@@ -18,7 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_dsparse.data import InputError, Normalization, check_labels, class_counts
+from napari_dsparse.data import (
+    InputError,
+    Normalization,
+    check_labels,
+    check_layout,
+    class_counts,
+)
 
 __all__ = ["Crop", "Pair", "TrainingSet"]
 
@@ -96,6 +102,7 @@ class TrainingSet:
 
     def add(self, name: str, image: np.ndarray, labels: np.ndarray) -> Pair:
         """Add (or replace) the pair ``name``: ``image`` ``(C, Z, Y, X)``, labels."""
+        check_layout(image)
         others = {p.image.shape[0] for n, p in self._pairs.items() if n != name}
         if others and image.shape[0] not in others:
             raise InputError(
