@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from napari_dsparse.data import (
+    NORMALIZED_LIMIT,
     InputError,
     Normalization,
     as_channels_first,
@@ -212,14 +213,50 @@ def test_every_pixel_type_trains_and_predicts_alike(dtype, make_classifier) -> N
     image = as_channels_first(values)
     reference = as_channels_first(values.astype(np.float32))
     classifier = make_classifier(reference)
-    np.testing.assert_allclose(
-        predict_proba(classifier, image), predict_proba(classifier, reference)
+    np.testing.assert_allclose(  # int32 and float64 normalise in float64: 1 rounding
+        predict_proba(classifier, image),
+        predict_proba(classifier, reference),
+        atol=1e-6,
     )
     session = LiveSession(image, ("a", "b"))
     _events(session, _strokes((40, 40)))
     assert session.trainer.steps_done > 0
     net = session.classifier.patch_net
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize(
+    ("offset", "scale", "dtype"),
+    [
+        (1e9, 1.0, np.float64),  # float32 spacing 64: the contrast was lost (NaN)
+        (0.0, 1e300, np.float64),  # beyond float32: inf, then NaN
+        (4e9, 10.0, np.uint32),  # above 2**24: rounded away
+        (2.0**40, 10.0, np.int64),
+    ],
+    ids=["float64 offset", "float64 huge", "uint32 offset", "int64 offset"],
+)
+def test_pixels_float32_cannot_hold_keep_their_contrast(
+    offset, scale, dtype, make_classifier
+) -> None:
+    rows, cols = np.mgrid[:40, :40]
+    pattern = (rows // 4 + cols // 5) % 7
+    image = as_channels_first((offset + scale * pattern).astype(dtype))
+    reference = as_channels_first(pattern.astype(np.float32))
+    classifier = make_classifier(reference)
+    np.testing.assert_allclose(
+        predict_proba(classifier, image),
+        predict_proba(classifier, reference),
+        atol=1e-5,
+    )
+
+
+def test_outliers_are_clipped_after_normalisation() -> None:
+    values = np.zeros((1, 1, 40, 40), np.float32)
+    values[..., 20:, :] = 1.0
+    values[..., 0, 0] = 3e38  # finite, but times the scale it would overflow
+    normalized = Normalization.from_image(values).apply(values[:, 0])
+    assert np.isfinite(normalized).all() and normalized.max() == NORMALIZED_LIMIT
+    assert normalized[0, 30, 30] == 1.0 and normalized[0, 10, 10] == 0.0
 
 
 @pytest.mark.parametrize(("model_channels", "image_channels"), [(1, 3), (3, 1)])

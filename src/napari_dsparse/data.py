@@ -17,6 +17,7 @@ import numpy as np
 __all__ = [
     "MAX_CLASSES",
     "NORMALIZATION_POLICIES",
+    "NORMALIZED_LIMIT",
     "InputError",
     "Normalization",
     "NormalizationPolicy",
@@ -37,6 +38,9 @@ __all__ = [
 
 
 MAX_CLASSES = 1000  # a model's output channels; 65535 ones would not fit in memory
+# Normalised pixels (the 1st-99.8th percentiles map to 0-1) are clipped to this.
+NORMALIZED_LIMIT = 1e4
+_FLOAT32_SAFE = 1e30  # a low or a scale beyond it: normalised in float64
 
 
 class InputError(ValueError):
@@ -325,11 +329,22 @@ class Normalization:
         return Normalization.from_image(image, self.percentiles, self.policy)
 
     def apply(self, window: np.ndarray) -> np.ndarray:
-        """Normalise a ``(C, ...)`` window to float32."""
+        """Normalise a ``(C, ...)`` window to float32.
+
+        Pixels that float32 cannot hold exactly (float64, 32- and 64-bit integers)
+        are normalised in float64 first: a float64 image around 1e9 or 1e300 keeps
+        its contrast instead of becoming NaN. Results are clipped to
+        ``±NORMALIZED_LIMIT``, so that no outlier overflows the network.
+        """
         shape = (len(self.low),) + (1,) * (window.ndim - 1)
-        low = np.asarray(self.low, np.float32).reshape(shape)
-        scale = 1 / (np.asarray(self.high, np.float32).reshape(shape) - low)
-        return (window.astype(np.float32) - low) * scale
+        low = np.asarray(self.low, np.float64).reshape(shape)
+        scale = 1 / (np.asarray(self.high, np.float64).reshape(shape) - low)
+        in_range = max(np.abs(low).max(), np.abs(scale).max()) < _FLOAT32_SAFE
+        exact = in_range and np.can_cast(window.dtype, np.float32)
+        work = np.float32 if exact else np.float64
+        normalized = (window.astype(work) - low.astype(work)) * scale.astype(work)
+        np.clip(normalized, -NORMALIZED_LIMIT, NORMALIZED_LIMIT, out=normalized)
+        return normalized.astype(np.float32, copy=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
