@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 from napari_dsparse.cli import main
+from napari_dsparse.train import Trainer, TrainingDiverged
 
 
 def _run(capsys, *argv) -> tuple[int, str]:
@@ -99,6 +100,20 @@ def test_predict_never_writes_over_its_inputs(capsys, tmp_path, strokes) -> None
         code, err = _run(capsys, "predict", model, *argv, "-q")
         assert code == 2 and "would overwrite the input" in err, argv
     assert {path: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_divergence_is_one_line_and_writes_no_model(
+    capsys, tmp_path, strokes, monkeypatch
+) -> None:
+    def diverge(_trainer):
+        raise TrainingDiverged("the loss became nan at step 1")
+
+    monkeypatch.setattr(Trainer, "step", diverge)
+    image, labels = _training_files(tmp_path, strokes)
+    code, err = _run(capsys, "train", image, labels, "-o", tmp_path / "m.pt")
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "training diverged (the loss became nan at step 1); no model" in err
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_a_time_series_with_a_channel_axis_trains(capsys, tmp_path) -> None:

@@ -314,9 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from napari_dsparse.data import InputError
     from napari_dsparse.export import WriteError
+    from napari_dsparse.train import TrainingDiverged
 
     try:
         return args.func(args)
+    except TrainingDiverged as error:
+        reason = f"training diverged ({error.reason}); no model was written"
+        print(f"napari-dsparse {args.command}: error: {reason}", file=sys.stderr)
+        return 1
     except WriteError as error:  # an output the system refuses to write
         print(f"napari-dsparse {args.command}: error: {error}", file=sys.stderr)
         return 1

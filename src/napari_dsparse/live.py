@@ -581,7 +581,7 @@ def _step(session: LiveSession) -> tuple[float, str] | str:
         try:
             loss, mode = session.trainer.step()
         except TrainingDiverged as error:
-            return str(error).split(";")[0]  # without train.py's advice
+            return error.reason  # the widget gives its own advice
         except Exception as error:
             if not is_out_of_memory(error):
                 raise

@@ -39,7 +39,11 @@ _PRIOR_CROPS = 512
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; lower the learning rate."""
+    """The loss became NaN or infinite; ``reason`` says at which step."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}; lower the learning rate")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -259,8 +263,7 @@ class Trainer:
         )
         if not torch.isfinite(loss):
             raise TrainingDiverged(
-                f"the loss became {loss.item()} at step {self.steps_done + 1}; "
-                "lower the learning rate"
+                f"the loss became {loss.item()} at step {self.steps_done + 1}"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
