@@ -52,6 +52,23 @@ def test_a_budget_must_be_positive(capsys, tmp_path, budget, message) -> None:
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (("--rounds", "0"), "must be above 0"),
+        (("--round-seconds", "-1"), "must be a finite number above 0"),
+        (("--round-seconds", "inf"), "must be a finite number above 0"),
+    ],
+)
+def test_the_headless_demo_refuses_empty_or_endless_rounds(
+    capsys, tmp_path, option, message
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--headless", "-o", str(tmp_path / "demo"), *option])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_training_piped_into_a_reader_that_left_still_writes_the_model(
     tmp_path,
 ) -> None:

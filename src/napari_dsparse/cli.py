@@ -8,6 +8,7 @@ one-line message and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -122,11 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the loop without a window, with simulated correction strokes",
     )
     demo.add_argument(
-        "--output", "-o", default="dsparse-demo", help="folder for --headless results"
+        "--output",
+        "-o",
+        default="dsparse-demo",
+        help="folder for --headless results (default %(default)s)",
     )
-    demo.add_argument("--rounds", type=int, default=4, help="--headless rounds")
     demo.add_argument(
-        "--round-seconds", type=float, default=5.0, help="training per round"
+        "--rounds",
+        type=_positive(int),
+        default=4,
+        help="--headless rounds (default %(default)s)",
+    )
+    demo.add_argument(
+        "--round-seconds",
+        type=_positive(float, finite=True),
+        default=5.0,
+        help="training per round (default %(default)s)",
     )
     demo.add_argument("--device", help="cpu, cuda, mps (default: best)")
     demo.set_defaults(func=_run_demo)
@@ -187,8 +199,11 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_run_train)
 
 
-def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    """An argparse type: a number of ``kind`` above 0 (``inf`` allowed for floats)."""
+def _positive(
+    kind: type[int] | type[float], finite: bool = False
+) -> Callable[[str], int | float]:
+    """An argparse type: a number of ``kind`` above 0 (floats: ``inf`` unless
+    ``finite``)."""
 
     def parse(text: str) -> int | float:
         try:
@@ -197,8 +212,9 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
             raise argparse.ArgumentTypeError(
                 f"expected a {'whole ' * (kind is int)}number, got {text!r}"
             ) from None
-        if not value > 0:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        if not value > 0 or (finite and value == math.inf):  # also refuses nan
+            bound = "a finite number above 0" if finite else "above 0"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
     return parse
