@@ -42,9 +42,13 @@ def test_missing_subcommand_is_an_error(capsys: pytest.CaptureFixture) -> None:
         (("--steps", "2.5"), "expected a whole number"),
         (("--seconds", "-1"), "must be above 0"),
         (("--seconds", "nan"), "must be above 0"),
+        (("--seed", "-1"), "must be from 0 to 4294967295"),
+        (("--seed", str(2**32)), "must be from 0 to 4294967295"),
     ],
 )
-def test_a_budget_must_be_positive(capsys, tmp_path, budget, message) -> None:
+def test_budgets_and_seeds_out_of_range_are_usage_errors(
+    capsys, tmp_path, budget, message
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(
             ["train", "image.tif", "labels.tif", "-o", str(tmp_path / "m.pt"), *budget]

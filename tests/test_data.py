@@ -46,6 +46,12 @@ def test_four_dimensional_images_need_a_channel_axis() -> None:
         as_channels_first(np.zeros((2, 3, 4, 5)))
 
 
+@pytest.mark.parametrize("channel_axis", [2, -3, 5])
+def test_a_channel_axis_outside_the_image_is_named(channel_axis) -> None:
+    with pytest.raises(InputError, match=f"channel axis {channel_axis} does not exist"):
+        as_channels_first(np.zeros((4, 5)), channel_axis)
+
+
 def test_nan_pixels_are_rejected() -> None:
     image = np.ones((1, 1, 8, 8), np.float32)
     image[0, 0, 3, 3] = np.nan

@@ -81,3 +81,5 @@ def test_device_choice_falls_back_to_the_cpu() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA"):
             pick_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu0': give cpu, cuda"):
+        pick_device("gpu0")

@@ -186,7 +186,9 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="network"
     )
     train.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best)")
-    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument(
+        "--seed", type=_seed, default=0, help="random seed, 0 to 2**32 - 1 (default 0)"
+    )
     train.add_argument(
         "--prior-strength",
         type=_prior_strength,
@@ -218,6 +220,19 @@ def _positive(
         return value
 
     return parse
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed that NumPy and PyTorch both take."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number, got {text!r}"
+        ) from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 4294967295, got {text}")
+    return value
 
 
 def _prior_strength(text: str) -> float:

@@ -65,6 +65,11 @@ def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.
                 "give the channel axis"
             )
         return image.reshape((1,) * (5 - image.ndim) + image.shape)[0]
+    if not -image.ndim <= channel_axis < image.ndim:
+        raise InputError(
+            f"channel axis {channel_axis} does not exist in an image of shape "
+            f"{image.shape} (axes 0 to {image.ndim - 1}, or -1 for the last)"
+        )
     moved = np.moveaxis(image, channel_axis, 0)
     if moved.ndim == 3:
         return moved[:, None]

@@ -62,7 +62,12 @@ def _sample_windows(
 def pick_device(requested: str | None = None) -> torch.device:
     """``requested`` if given, else CUDA, then Apple MPS, then the CPU."""
     if requested and requested != "auto":
-        device = torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise ValueError(
+                f"unknown device {requested!r}: give cpu, cuda, cuda:1 or mps"
+            ) from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("CUDA was requested but no CUDA GPU is available")
         if device.type == "mps" and not torch.backends.mps.is_available():
