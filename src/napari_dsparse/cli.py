@@ -96,6 +96,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             round_seconds=args.round_seconds,
             device=args.device,
+            report=say,
         )
         return 0
     from napari_dsparse._demo import run_gui_demo
