@@ -7,6 +7,7 @@ import os
 import stat
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from napari_dsparse.export import (
     FORMAT_VERSION,
     ModelFileError,
     classifier_to_dict,
+    frozen_copy,
     load_classifier,
     save_classifier,
 )
@@ -47,6 +49,37 @@ def test_round_trip_predicts_identically(
     np.testing.assert_allclose(
         predict_proba(loaded, image), predict_proba(classifier, image), atol=1e-6
     )
+
+
+def test_a_snapshot_is_saved_instead_of_the_live_weights(
+    make_classifier, image, tmp_path
+) -> None:
+    classifier = make_classifier(image)
+    before = predict_proba(classifier, image)
+    snapshot = SimpleNamespace(
+        model_state={
+            k: v.clone() for k, v in classifier.patch_net.state_dict().items()
+        },
+        steps_done=7,
+    )
+    frozen = frozen_copy(classifier, snapshot)
+    with torch.no_grad():  # training goes on in the live model
+        for parameter in classifier.patch_net.parameters():
+            parameter.add_(0.5)
+    assert not np.allclose(predict_proba(classifier, image), before, atol=1e-3)
+    np.testing.assert_array_equal(predict_proba(frozen, image), before)
+    loaded = load_classifier(save_classifier(classifier, tmp_path / "m.pt", snapshot))
+    assert loaded.provenance["steps"] == 7
+    np.testing.assert_allclose(predict_proba(loaded, image), before, atol=1e-6)
+
+
+def test_a_snapshot_of_another_shape_is_refused(make_classifier, image) -> None:
+    three = make_classifier(image, num_classes=3)
+    snapshot = SimpleNamespace(
+        model_state=make_classifier(image).patch_net.state_dict(), steps_done=1
+    )
+    with pytest.raises(InputError, match="gained a class meanwhile"):
+        classifier_to_dict(three, snapshot)
 
 
 def test_saving_leaves_no_temporary_files(make_classifier, image, tmp_path) -> None:

@@ -7,6 +7,7 @@ into snapshots, and writes the yielded tiles into the output layers on the GUI t
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Generator, Iterator
 from functools import partial
@@ -30,7 +31,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog
 
 from napari_dsparse.data import MAX_CLASSES, InputError, as_planes
-from napari_dsparse.export import load_classifier, save_classifier
+from napari_dsparse.export import frozen_copy, load_classifier, save_classifier
 from napari_dsparse.faults import predict_fitting
 from napari_dsparse.live import (
     LiveSession,
@@ -733,8 +734,10 @@ class DsparseWidget(Container):
             count = len(self._session.class_names)
             colors = self._watched.colormap.map(np.arange(1, count + 1))
             self._session.classifier.class_colors = tuple(map(tuple, colors.tolist()))
+        # While training, the weights of the last round (the live ones are changing).
+        snapshot = self._session.last_good if self.training else None
         try:
-            save_classifier(self._session.classifier, path)
+            save_classifier(self._session.classifier, path, snapshot)
         except (InputError, OSError) as error:
             show_error(f"Export failed: {error}")
             return
@@ -775,7 +778,7 @@ class DsparseWidget(Container):
 
     def apply_to_layer(self, target: napari.layers.Image) -> GeneratorWorker | None:
         """Predict every slice of ``target`` with the current model, with progress."""
-        classifier = self._session.classifier if self._session else None
+        classifier = self._model_for_prediction()
         if classifier is None:
             show_warning("Train or load a model first.")
             return None
@@ -808,7 +811,20 @@ class DsparseWidget(Container):
             show_warning("Train or load a model first.")
             return
         prediction, _ = self._output_layers()
-        self._run_prediction(self._session.classifier, self._session.image, prediction)
+        self._run_prediction(
+            self._model_for_prediction(), self._session.image, prediction
+        )
+
+    def _model_for_prediction(self) -> Classifier | None:
+        """The model, or while training a copy of its last round: one model for
+        every tile, not weights that change under the prediction."""
+        session = self._session
+        if session is None or session.classifier is None:
+            return None
+        if self.training and session.last_good is not None:
+            with contextlib.suppress(InputError):  # a class added meanwhile
+                return frozen_copy(session.classifier, session.last_good)
+        return session.classifier
 
     def _run_prediction(
         self, classifier: Classifier, image: np.ndarray, layer: napari.layers.Labels

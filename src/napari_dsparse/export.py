@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ __all__ = [
     "FORMAT_VERSION",
     "ModelFileError",
     "WriteError",
+    "classifier_from_dict",
+    "classifier_to_dict",
+    "frozen_copy",
     "load_classifier",
     "save_classifier",
 ]
@@ -47,9 +50,15 @@ class WriteError(InputError):
     """
 
 
-def classifier_to_dict(classifier: Classifier) -> dict[str, Any]:
-    """Everything needed to rebuild ``classifier``, as plain data and tensors."""
-    return {
+def classifier_to_dict(
+    classifier: Classifier, snapshot: WeightsSnapshot | None = None
+) -> dict[str, Any]:
+    """Everything needed to rebuild ``classifier``, as plain data and tensors.
+
+    ``snapshot`` (weights copied between two training steps, and their step count)
+    replaces the live weights, which a training thread may be updating.
+    """
+    payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
@@ -66,6 +75,26 @@ def classifier_to_dict(classifier: Classifier) -> dict[str, Any]:
             k: v.detach().cpu() for k, v in classifier.patch_net.state_dict().items()
         },
     }
+    if snapshot is not None:
+        _check_snapshot(payload["state_dict"], snapshot.model_state)
+        payload["state_dict"] = dict(snapshot.model_state)
+        payload["provenance"] = {**payload["provenance"], "steps": snapshot.steps_done}
+    return payload
+
+
+def _check_snapshot(live: dict[str, torch.Tensor], snapshot: dict[str, torch.Tensor]):
+    """``InputError`` if the snapshot is of another architecture (a class added in
+    between, by the training thread)."""
+    shapes = {name: tuple(value.shape) for name, value in snapshot.items()}
+    if shapes != {name: tuple(value.shape) for name, value in live.items()}:
+        raise InputError("the model gained a class meanwhile; try again")
+
+
+class WeightsSnapshot(Protocol):
+    """What :func:`classifier_to_dict` takes from a ``faults.Checkpoint``."""
+
+    model_state: dict[str, torch.Tensor]
+    steps_done: int
 
 
 def _provenance(classifier: Classifier) -> dict[str, Any]:
@@ -79,10 +108,18 @@ def _provenance(classifier: Classifier) -> dict[str, Any]:
     }
 
 
-def save_classifier(classifier: Classifier, path: str | os.PathLike) -> Path:
-    """Write ``classifier`` to ``path`` atomically (temporary file, then rename)."""
+def save_classifier(
+    classifier: Classifier,
+    path: str | os.PathLike,
+    snapshot: WeightsSnapshot | None = None,
+) -> Path:
+    """Write ``classifier`` to ``path`` atomically (temporary file, then rename).
+
+    While another thread trains it, pass ``snapshot`` (a ``faults.Checkpoint``
+    taken between steps): the file then holds one step's weights, not a mix.
+    """
     path = Path(path)
-    payload = classifier_to_dict(classifier)
+    payload = classifier_to_dict(classifier, snapshot)
     write_atomically(path, lambda temporary: torch.save(payload, temporary))
     return path
 
@@ -147,34 +184,45 @@ def load_classifier(
     """Read a model file written by :func:`save_classifier`."""
     payload = _read_payload(Path(path))
     try:
-        spec = payload["preset"]
-        preset = Preset(
-            **{
-                **spec,
-                "filter_scales": tuple(spec["filter_scales"]),
-                "context_widths": tuple(spec["context_widths"]),
-                # files from before the feature standardisation have none
-                "standardize": spec.get("standardize", False),
-            }
-        )
-        net = build_patch_net(
-            preset, payload["in_channels"], len(payload["class_names"])
-        )
-        net.load_state_dict(_with_class_prior(net, payload["state_dict"]), strict=True)
-        classifier = Classifier(
-            preset,
-            int(payload["in_channels"]),
-            tuple(payload["class_names"]),
-            Normalization.from_dict(payload["normalization"]),
-            net,
-            provenance=dict(payload["provenance"]),
-            class_colors=tuple(
-                tuple(map(float, color)) for color in payload.get("class_colors", [])
-            ),
-        )
+        return classifier_from_dict(payload).to(device)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ModelFileError(f"{path} is not a valid model file ({error})") from error
-    return classifier.to(device)
+
+
+def classifier_from_dict(payload: dict[str, Any]) -> Classifier:
+    """The classifier :func:`classifier_to_dict` described, on the CPU."""
+    spec = payload["preset"]
+    preset = Preset(
+        **{
+            **spec,
+            "filter_scales": tuple(spec["filter_scales"]),
+            "context_widths": tuple(spec["context_widths"]),
+            # files from before the feature standardisation have none
+            "standardize": spec.get("standardize", False),
+        }
+    )
+    net = build_patch_net(preset, payload["in_channels"], len(payload["class_names"]))
+    net.load_state_dict(_with_class_prior(net, payload["state_dict"]), strict=True)
+    return Classifier(
+        preset,
+        int(payload["in_channels"]),
+        tuple(payload["class_names"]),
+        Normalization.from_dict(payload["normalization"]),
+        net,
+        provenance=dict(payload["provenance"]),
+        class_colors=tuple(
+            tuple(map(float, color)) for color in payload.get("class_colors", [])
+        ),
+    )
+
+
+def frozen_copy(classifier: Classifier, snapshot: WeightsSnapshot) -> Classifier:
+    """A separate classifier with ``snapshot``'s weights, on ``classifier``'s device.
+
+    For predicting with one step's model while another thread trains ``classifier``.
+    """
+    payload = classifier_to_dict(classifier, snapshot)
+    return classifier_from_dict(payload).to(classifier.device)
 
 
 def _with_class_prior(net: nn.Module, state: dict[str, Any]) -> dict[str, Any]:

@@ -147,10 +147,8 @@ def _model_payload(session: LiveSession, checkpoint: Checkpoint | None) -> dict:
     """The model file's entries (weights from ``checkpoint``), or a bare header."""
     if session.classifier is None or checkpoint is None:
         return {"format": SESSION_FORMAT}
-    payload = classifier_to_dict(session.classifier)
+    payload = classifier_to_dict(session.classifier, checkpoint)
     payload["class_names"] = list(session.class_names)[: session.classifier.num_classes]
-    payload["state_dict"] = dict(checkpoint.model_state)
-    payload["provenance"] = {**payload["provenance"], "steps": checkpoint.steps_done}
     return payload
 
 

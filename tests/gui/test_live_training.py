@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+import napari_dsparse._widget as widget_module
 from napari_dsparse._demo import PLUGIN, WIDGET
-from napari_dsparse.export import load_classifier
+from napari_dsparse.data import as_channels_first
+from napari_dsparse.export import frozen_copy, load_classifier
+from napari_dsparse.faults import Checkpoint
+from napari_dsparse.predict import labels_and_uncertainty, predict_proba
 
 pytestmark = pytest.mark.gui
 
@@ -137,6 +142,53 @@ def test_export_then_apply_to_another_layer(trained_viewer, qtbot, tmp_path) -> 
         pass
     result = viewer.layers["other prediction"].data
     assert result.shape == (64, 64) and set(np.unique(result)) <= {1, 2, 3}
+
+
+def test_a_model_exported_while_training_is_one_steps_model(
+    trained_viewer, qtbot, tmp_path, monkeypatch
+) -> None:
+    """Exported mid-training: the weights of one checkpoint the loop took, with its
+    step count, not the live weights that the worker is updating."""
+    _viewer, widget, _ = trained_viewer
+    taken: dict[int, Checkpoint] = {}
+    take = Checkpoint.of.__func__
+
+    def recording(cls, trainer):
+        checkpoint = take(cls, trainer)
+        taken[checkpoint.steps_done] = checkpoint
+        return checkpoint
+
+    monkeypatch.setattr(Checkpoint, "of", classmethod(recording))
+    qtbot.waitUntil(lambda: len(taken) >= 2, timeout=20_000)
+    assert widget.training
+    widget.export_model(tmp_path / "model.pt")
+    exported = load_classifier(tmp_path / "model.pt")
+    steps = exported.provenance["steps"]
+    assert steps in taken
+    state = exported.patch_net.state_dict()
+    for name, value in taken[steps].model_state.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+
+
+def test_apply_while_training_predicts_every_tile_with_one_model(
+    trained_viewer, qtbot, monkeypatch
+) -> None:
+    viewer, widget, _ = trained_viewer
+    copies = []
+
+    def recording(classifier, snapshot):
+        copies.append(frozen_copy(classifier, snapshot))
+        return copies[-1]
+
+    monkeypatch.setattr(widget_module, "frozen_copy", recording)
+    assert widget.training
+    other = viewer.add_image(_disc_image(64), name="other")
+    with qtbot.waitSignal(widget.apply_to_layer(other).finished, timeout=20_000):
+        pass
+    assert len(copies) == 1  # the live model was not used
+    image = as_channels_first(other.data)
+    expected, _ = labels_and_uncertainty(predict_proba(copies[0], image))
+    np.testing.assert_array_equal(viewer.layers["other prediction"].data, expected[0])
 
 
 def test_output_layers_sit_below_the_scribbles(trained_viewer) -> None:
