@@ -244,6 +244,46 @@ def test_a_missing_output_folder_fails_before_any_work(
         predict_file(classifier, tmp_path / "a.npy", tmp_path / "no" / "out.tif")
 
 
+def _hyperstack(kind: str, series: np.ndarray, folder: Path) -> Path:
+    """``series`` (T, Z, C, Y, X) in a file whose metadata names the channel axis."""
+    if kind == "ImageJ TIFF":
+        path = folder / "series.tif"
+        tifffile.imwrite(path, series, imagej=True, metadata={"axes": "TZCYX"})
+    elif kind == "OME-TIFF":
+        path = folder / "series.ome.tif"
+        tifffile.imwrite(path, series, metadata={"axes": "TZCYX"})
+    else:  # OME-Zarr 0.4: typed axes
+        path = folder / "series.ome.zarr"
+        group = zarr.open_group(str(path), mode="w")
+        group.create_array("0", data=series, chunks=(1, 1, 2, 32, 32))
+        names = [("t", "time"), ("z", "space"), ("c", "channel")]
+        names += [("y", "space"), ("x", "space")]
+        axes = [{"name": name, "type": kind} for name, kind in names]
+        group.attrs["multiscales"] = [
+            {"version": "0.4", "axes": axes, "datasets": [{"path": "0"}]}
+        ]
+    return path
+
+
+@pytest.mark.parametrize("kind", ["ImageJ TIFF", "OME-TIFF", "OME-Zarr"])
+def test_channels_named_in_the_file_need_no_channel_axis(
+    make_classifier, picture, tmp_path, kind
+) -> None:
+    series = np.stack([picture, picture[::-1]], axis=0)  # (C, Y, X)
+    series = np.stack([np.stack([series, series // 2, series // 3])] * 2)  # T, Z
+    path = _hyperstack(kind, series, tmp_path)
+    two_channels = make_classifier(as_channels_first(series[0, 0], channel_axis=0))
+    predict_file(two_channels, path, tmp_path / "named.tif")
+    predict_file(two_channels, path, tmp_path / "given.tif", channel_axis=2)
+    named = tifffile.imread(tmp_path / "named.tif")
+    assert named.shape == (2, 3, 70, 90)  # T, Z, Y, X: the file's axes but C
+    np.testing.assert_array_equal(named, tifffile.imread(tmp_path / "given.tif"))
+    expected, _ = labels_and_uncertainty(
+        predict_proba(two_channels, as_channels_first(series[1, 2], channel_axis=0))
+    )
+    np.testing.assert_array_equal(named[1, 2], expected[0])
+
+
 @pytest.mark.parametrize("output", ["a.tif", "a_probabilities.tif"])
 def test_the_image_is_never_an_output(classifier, picture, tmp_path, output) -> None:
     image = tmp_path / output  # the classes' path, or that of their probabilities

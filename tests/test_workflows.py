@@ -133,6 +133,16 @@ def test_classes_without_strokes_are_named_and_left_out_of_the_counts(
     assert load_classifier(files / "m.pt").num_classes == 7
 
 
+def test_an_imagej_multichannel_file_trains_on_its_channels(files, capsys) -> None:
+    image = tifffile.imread(files / "image.tif")
+    channels = np.stack([image, image.max() - image])  # (C, Y, X)
+    tifffile.imwrite(files / "two.tif", channels, imagej=True, metadata={"axes": "CYX"})
+    argv = ["train", files / "two.tif", files / "labels.npy", "--steps", "2"]
+    code, _out, err = run(capsys, *argv, "-o", files / "m.pt")
+    assert code == 0, err  # no --channel-axis: the file says C
+    assert load_classifier(files / "m.pt").in_channels == 2
+
+
 def test_palette_png_labels_give_their_indices(files, capsys) -> None:
     labels = np.load(files / "labels.npy").astype(np.uint8)
     palette = Image.fromarray(labels, mode="P")  # how annotation tools save them

@@ -13,6 +13,7 @@ from napari_dsparse.export import write_atomically
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "channel_axis_of",
     "check_not_overwriting",
     "read_array",
     "read_labels",
@@ -43,6 +44,42 @@ def read_array(path: str | Path) -> np.ndarray:
         return imread(path)
     except Exception as error:
         raise InputError(f"cannot read {path}: {error}") from error
+
+
+def channel_axis_of(path: str | Path, given: int | None = None) -> int | None:
+    """``given``, else the channel axis the file's own metadata names, else ``None``.
+
+    ImageJ hyperstacks and OME-TIFFs name their axes (``TZCYX``), OME-Zarr stores
+    type theirs; a ``C`` (or ``channel``) axis is the channels. Anything else, RGB
+    samples (``YXS``) included, is left to ``data.as_channels_first``.
+    """
+    if given is not None:
+        return given
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff") and path.is_file():
+            with tifffile.TiffFile(path) as tif:
+                axes = tif.series[0].axes if tif.series else ""
+            return axes.index("C") if "C" in axes else None
+        if path.name.lower().endswith(".zarr") and path.is_dir():
+            return _zarr_channel_axis(path)
+    except Exception:  # unreadable: the reader that follows says why
+        return None
+    return None
+
+
+def _zarr_channel_axis(path: Path) -> int | None:
+    """The channel axis of an OME-Zarr's multiscales (0.4: typed dicts; 0.3: names)."""
+    import zarr
+
+    attrs = zarr.open(str(path), mode="r").attrs
+    multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    axes = (multiscales or [{}])[0].get("axes", [])
+    for index, axis in enumerate(axes):
+        named = axis if isinstance(axis, str) else axis.get("name")
+        if (isinstance(axis, dict) and axis.get("type") == "channel") or named == "c":
+            return index
+    return None
 
 
 def read_labels(path: str | Path) -> np.ndarray:

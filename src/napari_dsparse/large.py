@@ -27,7 +27,7 @@ from torch import nn
 
 from napari_dsparse.data import InputError, Normalization, as_channels_first
 from napari_dsparse.export import WriteError, os_error_message, write_atomically
-from napari_dsparse.files import check_not_overwriting
+from napari_dsparse.files import channel_axis_of, check_not_overwriting
 from napari_dsparse.interrupts import interrupts_between_steps, stop_if_interrupted
 from napari_dsparse.model import Classifier
 from napari_dsparse.predict import (
@@ -264,7 +264,9 @@ def predict_file(
     output = Path(output)
     targets = _targets(output, outputs)
     check_not_overwriting(targets.values(), [Path(image_path)])
-    image = as_channels_first(open_lazy(image_path), channel_axis)  # (C, Z, Y, X)
+    channel_axis = channel_axis_of(image_path, channel_axis)  # given, else metadata
+    raw = open_lazy(image_path)
+    image = as_channels_first(raw, channel_axis)  # (C, Z, Y, X)
     _check_channels(classifier, image, channel_axis)
     # The model's policy, resolved once for the whole image (per image: one pass
     # over a subsample of its pixels), never per tile or chunk.
@@ -289,7 +291,7 @@ def predict_file(
                 predict_into_with_dask(
                     classifier, image, store, tile, scheduler, progress, normalization
                 )
-            spatial = image.shape[1:] if image.shape[1] > 1 else image.shape[2:]
+            spatial = _spatial_shape(raw.shape, channel_axis, image.shape)
             if output.name.lower().endswith(".zarr"):
                 _finish_zarr(scratch, output)
             else:
@@ -301,6 +303,22 @@ def predict_file(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return list(targets.values())
+
+
+def _spatial_shape(
+    raw_shape: tuple[int, ...], channel_axis: int | None, image_shape: tuple[int, ...]
+) -> tuple[int, ...]:
+    """The file's shape without its channels: that of a .tif result (a time series
+    keeps its ``T, Z`` axes, which the ``(C, Z, Y, X)`` image merged into slices)."""
+    if channel_axis is not None:
+        axis = channel_axis % len(raw_shape)
+        shape = raw_shape[:axis] + raw_shape[axis + 1 :]
+    elif len(raw_shape) == 3 and raw_shape[-1] in (3, 4):  # RGB(A)
+        shape = raw_shape[:-1]
+    else:
+        shape = raw_shape
+    assert int(np.prod(shape)) == int(np.prod(image_shape[1:])), (shape, image_shape)
+    return tuple(shape)
 
 
 def _predict_into(

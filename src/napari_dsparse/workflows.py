@@ -25,6 +25,7 @@ from napari_dsparse.data import (
 from napari_dsparse.export import load_classifier, save_classifier
 from napari_dsparse.files import (
     IMAGE_SUFFIXES,
+    channel_axis_of,
     check_not_overwriting,
     read_array,
     read_labels,
@@ -181,6 +182,7 @@ def train_from_pairs(
 def _read_pair(
     image_path: str | Path, labels_path: str | Path, channel_axis: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
+    channel_axis = channel_axis_of(image_path, channel_axis)
     image = as_channels_first(read_array(image_path), channel_axis)  # (C, Z, Y, X)
     check_trainable_image(image)
     try:
@@ -407,5 +409,7 @@ def predict_many(
 
 def _pixels(image_path: Path, channel_axis: int | None) -> int:
     """Pixels of every slice of an image file (its shape only, read lazily)."""
-    image = as_channels_first(open_lazy(image_path), channel_axis)
+    image = as_channels_first(
+        open_lazy(image_path), channel_axis_of(image_path, channel_axis)
+    )
     return int(np.prod(image.shape[1:]))
