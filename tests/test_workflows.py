@@ -143,6 +143,28 @@ def test_an_imagej_multichannel_file_trains_on_its_channels(files, capsys) -> No
     assert load_classifier(files / "m.pt").in_channels == 2
 
 
+def test_a_grey_png_with_alpha_is_one_channel(files, capsys) -> None:
+    grey = tifffile.imread(files / "image.tif").astype(np.uint8)
+    Image.fromarray(np.dstack([grey, np.full_like(grey, 255)]), mode="LA").save(
+        files / "grey.png"
+    )
+    argv = ["train", files / "grey.png", files / "labels.npy", "--steps", "2"]
+    code, _out, err = run(capsys, *argv, "-o", files / "m.pt")
+    assert code == 0, err  # not 96 planes of 128 x 2 pixels
+    assert load_classifier(files / "m.pt").in_channels == 1
+    code, _out, err = run(
+        capsys,
+        "predict",
+        files / "m.pt",
+        files / "grey.png",
+        "-o",
+        files / "grey.tif",
+        "-q",
+    )
+    assert code == 0, err
+    assert tifffile.imread(files / "grey.tif").shape == grey.shape
+
+
 def test_palette_png_labels_give_their_indices(files, capsys) -> None:
     labels = np.load(files / "labels.npy").astype(np.uint8)
     palette = Image.fromarray(labels, mode="P")  # how annotation tools save them

@@ -17,6 +17,7 @@ __all__ = [
     "check_not_overwriting",
     "read_array",
     "read_labels",
+    "read_png",
     "write_tif",
 ]
 
@@ -39,11 +40,19 @@ def read_array(path: str | Path) -> np.ndarray:
             return tifffile.imread(path)
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
-        from skimage.io import imread
-
-        return imread(path)
+        return read_png(path)
     except Exception as error:
         raise InputError(f"cannot read {path}: {error}") from error
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    """A PNG's pixels; grey with alpha gives the grey (alpha ignored, as for RGBA)."""
+    from skimage.io import imread
+
+    image = imread(path)
+    if image.ndim == 3 and image.shape[-1] == 2:  # (Y, X, grey + alpha)
+        return image[..., 0]
+    return image
 
 
 def channel_axis_of(path: str | Path, given: int | None = None) -> int | None:

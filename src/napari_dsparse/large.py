@@ -27,7 +27,7 @@ from torch import nn
 
 from napari_dsparse.data import InputError, Normalization, as_channels_first
 from napari_dsparse.export import WriteError, os_error_message, write_atomically
-from napari_dsparse.files import channel_axis_of, check_not_overwriting
+from napari_dsparse.files import channel_axis_of, check_not_overwriting, read_png
 from napari_dsparse.interrupts import interrupts_between_steps, stop_if_interrupted
 from napari_dsparse.model import Classifier
 from napari_dsparse.predict import (
@@ -110,9 +110,7 @@ def open_lazy(path: str | Path) -> da.Array:
             return da.from_array(array, chunks=_row_chunks(array), asarray=True)
         if suffix == ".zarr":
             return _open_zarr(path)
-        from skimage.io import imread
-
-        return da.from_array(imread(path))
+        return da.from_array(read_png(path))
     except InputError:
         raise
     except Exception as error:
