@@ -8,6 +8,7 @@ into snapshots, and writes the yielded tiles into the output layers on the GUI t
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Generator, Iterator
 from functools import partial
@@ -180,6 +181,11 @@ class DsparseWidget(Container):
         self._multichannel = False  # whether its first axis holds channels
         self._mailbox = Mailbox()
         self._worker: GeneratorWorker | None = None
+        self._worker_started = False
+        # The worker advances its generator holding this lock, and never again once
+        # the event is set: see _halted.
+        self._step_lock = threading.Lock()
+        self._halt = threading.Event()
         self._watched: napari.layers.Labels | None = None
         # the training set: image name -> (image layer, scribble layer, its array)
         self._pairs: dict[str, tuple[napari.layers.Image, napari.layers.Labels]] = {}
@@ -341,7 +347,16 @@ class DsparseWidget(Container):
 
     @property
     def training(self) -> bool:
-        return self._worker is not None and self._worker.is_running
+        """A worker was started (its thread may not run yet) and not asked to stop."""
+        return self._worker_running and not self._worker.abort_requested
+
+    @property
+    def _worker_running(self) -> bool:
+        """A worker was started and has not finished (it may be ending its last
+        step): the weights may change."""
+        return self._worker is not None and (
+            self._worker.is_running or self._worker_started
+        )
 
     def names(self) -> tuple[str, ...]:
         names = tuple(n.strip() for n in self.class_names.value.split(",") if n.strip())
@@ -408,32 +423,47 @@ class DsparseWidget(Container):
         self._watch_image(self._session_image)
         self._post_labels()
         self._post_view()
+        self._halt = threading.Event()
+        steps = iter_live(
+            session, self._mailbox, round_seconds=round_seconds, rounds=rounds
+        )
         self._worker = create_worker(
             _reraising,
-            iter_live(
-                session, self._mailbox, round_seconds=round_seconds, rounds=rounds
-            ),
+            _one_step_at_a_time(steps, self._step_lock, self._halt),
             _start_thread=False,
             _connect={"errored": self._on_error},  # shown once, not re-raised
         )
         self._worker.yielded.connect(partial(self._on_event, session))
-        self._worker.finished.connect(self._on_finished)
+        self._worker.finished.connect(partial(self._on_finished, self._worker))
+        self._worker_started = True  # until it has finished
         self.train_button.text = "Pause" if rounds is None else "Train"
         self._worker.start()
 
     def stop(self, message: str | None = None) -> None:
         """Ask the worker to stop after its current step or tile."""
+        self._halt.set()
         _quit_worker(self._worker)
         self.train_button.text = "Train"
         if message:
             self.status.value = message
+
+    @contextlib.contextmanager
+    def _halted(self) -> Iterator[None]:
+        """Stop training and keep it stopped while the block changes the session:
+        the worker ends the step or tile under way, then never resumes."""
+        self.stop()
+        with self._step_lock:
+            yield
 
     def _on_destroyed(self, *_args) -> None:
         self._alive = False
         self._autosave_timer.stop()
         _quit_worker(self._worker)
 
-    def _on_finished(self) -> None:
+    def _on_finished(self, worker: GeneratorWorker) -> None:
+        if worker is not self._worker:  # one that a newer worker replaced
+            return
+        self._worker_started = False
         if self._alive:
             self.train_button.text = "Train"
 
@@ -710,9 +740,9 @@ class DsparseWidget(Container):
             self._session.class_names = self.names()
 
     def _reset_model(self) -> None:
-        self.stop()
-        if self._session is not None:
-            self._session.reset()
+        with self._halted():
+            if self._session is not None:
+                self._session.reset()
         self.status.value = "Model reset: the next training starts from scratch."
 
     # -- files and other images ---------------------------------------------------
@@ -735,7 +765,7 @@ class DsparseWidget(Container):
             colors = self._watched.colormap.map(np.arange(1, count + 1))
             self._session.classifier.class_colors = tuple(map(tuple, colors.tolist()))
         # While training, the weights of the last round (the live ones are changing).
-        snapshot = self._session.last_good if self.training else None
+        snapshot = self._session.last_good if self._worker_running else None
         try:
             save_classifier(self._session.classifier, path, snapshot)
         except (InputError, OSError) as error:
@@ -764,10 +794,10 @@ class DsparseWidget(Container):
                 f"{self.image_picker.value.name!r} has {session.image.shape[0]}."
             )
             return
-        self.stop()
-        session.reset()
-        session.classifier = classifier.to(pick_device(session.device))
-        session.class_names = classifier.class_names
+        with self._halted():
+            session.reset()
+            session.classifier = classifier.to(pick_device(session.device))
+            session.class_names = classifier.class_names
         self.class_names.value = ", ".join(classifier.class_names)
         self.status.value = f"Loaded {Path(path).name}."
 
@@ -816,15 +846,13 @@ class DsparseWidget(Container):
         )
 
     def _model_for_prediction(self) -> Classifier | None:
-        """The model, or while training a copy of its last round: one model for
-        every tile, not weights that change under the prediction."""
+        """A copy of the model: one model for every tile, not weights that training
+        changes under the prediction (now, or once Train is pressed)."""
         session = self._session
         if session is None or session.classifier is None:
             return None
-        if self.training and session.last_good is not None:
-            with contextlib.suppress(InputError):  # a class added meanwhile
-                return frozen_copy(session.classifier, session.last_good)
-        return session.classifier
+        with self._step_lock:  # between two steps: the weights of one step
+            return frozen_copy(session.classifier)
 
     def _run_prediction(
         self, classifier: Classifier, image: np.ndarray, layer: napari.layers.Labels
@@ -895,7 +923,7 @@ class DsparseWidget(Container):
         try:
             session = self._ensure_session()
             session.class_names = self.names()
-            checkpoint = session.last_good if self.training else None
+            checkpoint = session.last_good if self._worker_running else None
             pairs = {
                 name: (self._pair_arrays[name].shape, np.asarray(layer.data))
                 for name, (_image, layer) in self._pairs.items()
@@ -1059,6 +1087,22 @@ def _predict_boxes(
 
 class WorkerError(Exception):
     """A ``RuntimeError`` of a worker, which superqt would only warn about."""
+
+
+def _one_step_at_a_time(
+    generator: Generator, lock: threading.Lock, halt: threading.Event
+) -> Generator:
+    """``generator``'s items, each computed holding ``lock``; none once ``halt``
+    is set. Whoever holds the lock after setting ``halt`` owns the session."""
+    while True:
+        with lock:
+            if halt.is_set():
+                return None
+            try:
+                item = next(generator)
+            except StopIteration as end:
+                return end.value
+        yield item
 
 
 def _reraising(generator: Generator) -> Generator:

@@ -216,10 +216,14 @@ def classifier_from_dict(payload: dict[str, Any]) -> Classifier:
     )
 
 
-def frozen_copy(classifier: Classifier, snapshot: WeightsSnapshot) -> Classifier:
-    """A separate classifier with ``snapshot``'s weights, on ``classifier``'s device.
+def frozen_copy(
+    classifier: Classifier, snapshot: WeightsSnapshot | None = None
+) -> Classifier:
+    """A separate classifier with ``snapshot``'s weights (default: the current ones),
+    on ``classifier``'s device.
 
-    For predicting with one step's model while another thread trains ``classifier``.
+    For predicting with one step's model while another thread trains ``classifier``
+    (or may start to: ``snapshot=None`` only while no thread trains it).
     """
     payload = classifier_to_dict(classifier, snapshot)
     return classifier_from_dict(payload).to(classifier.device)

@@ -176,7 +176,7 @@ def test_apply_while_training_predicts_every_tile_with_one_model(
     viewer, widget, _ = trained_viewer
     copies = []
 
-    def recording(classifier, snapshot):
+    def recording(classifier, snapshot=None):
         copies.append(frozen_copy(classifier, snapshot))
         return copies[-1]
 
@@ -186,9 +186,38 @@ def test_apply_while_training_predicts_every_tile_with_one_model(
     with qtbot.waitSignal(widget.apply_to_layer(other).finished, timeout=20_000):
         pass
     assert len(copies) == 1  # the live model was not used
+    assert widget.training
     image = as_channels_first(other.data)
     expected, _ = labels_and_uncertainty(predict_proba(copies[0], image))
     np.testing.assert_array_equal(viewer.layers["other prediction"].data, expected[0])
+
+
+def test_reset_and_load_while_training_wait_for_the_step_under_way(
+    trained_viewer, qtbot, tmp_path, monkeypatch
+) -> None:
+    """Both change the session the worker trains: before, the worker's step ended on
+    a reset session ("Training stopped: AttributeError ...")."""
+    errors = []
+    monkeypatch.setattr(widget_module, "show_error", errors.append)
+    _viewer, widget, _ = trained_viewer
+    qtbot.waitUntil(lambda: widget._session.trainer is not None, timeout=20_000)
+    widget.export_model(tmp_path / "model.pt")
+    for _ in range(3):
+        assert widget.training
+        widget.reset_button.changed.emit(None)
+        assert widget._session.trainer is None  # reset, and nothing trains it
+        qtbot.waitUntil(lambda: not widget._worker.is_running, timeout=5_000)
+        widget.train_button.clicked.emit()
+        qtbot.waitUntil(lambda: widget._session.trainer is not None, timeout=20_000)
+        widget.load_model(tmp_path / "model.pt")
+        assert widget._session.trainer is None and not widget.training
+        widget.train_button.clicked.emit()
+        qtbot.waitUntil(lambda: widget._session.trainer is not None, timeout=20_000)
+        widget.train_button.clicked.emit()  # Pause, then at once Train again:
+        widget.train_button.clicked.emit()  # not swallowed by the ending worker
+        assert widget.training and widget.train_button.text == "Pause"
+    qtbot.wait(500)
+    assert errors == [] and widget.training and widget.train_button.text == "Pause"
 
 
 def test_output_layers_sit_below_the_scribbles(trained_viewer) -> None:
