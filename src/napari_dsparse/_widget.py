@@ -411,7 +411,8 @@ class DsparseWidget(Container):
     def start(self, rounds: int | None = None, round_seconds: float = 0.4) -> None:
         """Start the training worker (forever, or for ``rounds`` rounds)."""
         try:
-            session = self._ensure_session()
+            with self._step_lock:  # a stopped worker may still end a step on it
+                session = self._ensure_session()
         except InputError as error:
             show_warning(str(error))
             return
