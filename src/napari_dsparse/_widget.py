@@ -765,10 +765,11 @@ class DsparseWidget(Container):
             count = len(self._session.class_names)
             colors = self._watched.colormap.map(np.arange(1, count + 1))
             self._session.classifier.class_colors = tuple(map(tuple, colors.tolist()))
-        # While training, the weights of the last round (the live ones are changing).
-        snapshot = self._session.last_good if self._worker_running else None
         try:
-            save_classifier(self._session.classifier, path, snapshot)
+            with self._step_lock:  # between two steps (no class added meanwhile)
+                # while training, the last round's weights: the live ones change
+                snapshot = self._session.last_good if self._worker_running else None
+                save_classifier(self._session.classifier, path, snapshot)
         except (InputError, OSError) as error:
             show_error(f"Export failed: {error}")
             return
@@ -924,19 +925,20 @@ class DsparseWidget(Container):
         try:
             session = self._ensure_session()
             session.class_names = self.names()
-            checkpoint = session.last_good if self._worker_running else None
             pairs = {
                 name: (self._pair_arrays[name].shape, np.asarray(layer.data))
                 for name, (_image, layer) in self._pairs.items()
             }
-            save_session(
-                path,
-                session,
-                scribbles.data,
-                self.session_settings(),
-                checkpoint,
-                pairs,
-            )
+            with self._step_lock:  # between two steps (no class added meanwhile)
+                checkpoint = session.last_good if self._worker_running else None
+                save_session(
+                    path,
+                    session,
+                    scribbles.data,
+                    self.session_settings(),
+                    checkpoint,
+                    pairs,
+                )
         except (InputError, OSError) as error:
             show_error(f"Saving the session failed: {error}")
             return False

@@ -82,7 +82,9 @@ def classifier_to_dict(
     return payload
 
 
-def _check_snapshot(live: dict[str, torch.Tensor], snapshot: dict[str, torch.Tensor]):
+def _check_snapshot(
+    live: dict[str, torch.Tensor], snapshot: dict[str, torch.Tensor]
+) -> None:
     """``InputError`` if the snapshot is of another architecture (a class added in
     between, by the training thread)."""
     shapes = {name: tuple(value.shape) for name, value in snapshot.items()}
