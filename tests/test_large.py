@@ -221,6 +221,41 @@ def test_interrupted_prediction_leaves_no_output(classifier, picture, tmp_path) 
     assert [p.name for p in tmp_path.iterdir()] == ["a.npy"]
 
 
+def test_results_written_before_a_failure_are_removed(
+    classifier, picture, tmp_path, monkeypatch
+) -> None:
+    """The classes go last; if they fail, no uncertainty file says otherwise."""
+    np.save(tmp_path / "a.npy", picture)
+    write = large.tifffile.imwrite
+
+    def full_for_the_classes(path, *args, **kwargs):
+        if ".out.tif." in Path(path).name:  # the classes' temporary file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(large.tifffile, "imwrite", full_for_the_classes)
+    outputs = Outputs(probabilities=True, uncertainty=True)
+    with pytest.raises(InputError, match="disk is full"):
+        predict_file(classifier, tmp_path / "a.npy", tmp_path / "out.tif", outputs)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npy"]
+
+
+@pytest.mark.parametrize("taken", ["out.tif", "out_uncertainty.tif"])
+def test_a_folder_where_a_result_goes_fails_before_any_work(
+    classifier, picture, tmp_path, taken
+) -> None:
+    np.save(tmp_path / "a.npy", picture)
+    (tmp_path / taken).mkdir()
+    with pytest.raises(InputError, match="a folder of that name is there"):
+        predict_file(
+            classifier,
+            tmp_path / "a.npy",
+            tmp_path / "out.tif",
+            Outputs(uncertainty=True),
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", taken]
+
+
 def test_a_full_disk_is_a_one_line_error(
     classifier, picture, tmp_path, monkeypatch
 ) -> None:

@@ -293,14 +293,26 @@ def predict_file(
             if output.name.lower().endswith(".zarr"):
                 _finish_zarr(scratch, output)
             else:
-                # The classes last: once they exist, every result is complete.
-                for name, target in reversed(targets.items()):
-                    _write_tif_from(store[name], target, spatial, tile)
+                _write_tifs(store, targets, spatial, tile)
     except OSError as error:
         raise WriteError(os_error_message(output, error)) from error
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return list(targets.values())
+
+
+def _write_tifs(store, targets: dict[str, Path], spatial, tile: int) -> None:
+    """Each result as a .tif, the classes last: once they exist, every result is
+    complete. If one cannot be written, those written before it are removed."""
+    written: list[Path] = []
+    try:
+        for name, target in reversed(targets.items()):
+            _write_tif_from(store[name], target, spatial, tile)
+            written.append(target)
+    except BaseException:
+        for target in written:
+            target.unlink(missing_ok=True)
+        raise
 
 
 def _spatial_shape(
@@ -402,7 +414,12 @@ def _targets(output: Path, outputs: Outputs) -> dict[str, Path]:
         raise InputError(f"cannot write {output}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise InputError(f"cannot write {output}: folder {folder} is not writable")
-    return result_paths(output, outputs)
+    paths = result_paths(output, outputs)
+    if not output.name.lower().endswith(".zarr"):
+        for path in paths.values():
+            if path.is_dir():
+                raise InputError(f"cannot write {path}: a folder of that name is there")
+    return paths
 
 
 def result_paths(output: Path, outputs: Outputs) -> dict[str, Path]:
