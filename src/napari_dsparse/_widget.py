@@ -26,6 +26,7 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
+from napari.layers import Layer
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
@@ -68,6 +69,7 @@ UPDATE_ONCE_SECONDS = 2.0
 MAX_CHANNELS = 16  # a 3D layer with at most this many planes may be channels
 REFRESH_MS = 100  # the most often the output layers are redrawn
 PREDICTION_SUFFIX = " prediction"
+OUTPUT_MARK = "napari-dsparse output"  # metadata of the layers the widget writes
 EMPTY_SET_TEXT = "training set: the image above only"
 UNCERTAINTY_SUFFIX = " uncertainty"
 AUTOSAVE_PATH = Path.home() / ".napari-dsparse" / f"autosave{SESSION_SUFFIX}"
@@ -182,6 +184,7 @@ class DsparseWidget(Container):
         self._mailbox = Mailbox()
         self._worker: GeneratorWorker | None = None
         self._worker_started = False
+        self._outputs: dict[str, Layer] = {}  # output layers made, by their first name
         # The worker advances its generator holding this lock, and never again once
         # the event is set: see _halted.
         self._step_lock = threading.Lock()
@@ -641,43 +644,77 @@ class DsparseWidget(Container):
     # -- output layers ----------------------------------------------------------
 
     def _output_layers(self) -> tuple[napari.layers.Labels, napari.layers.Image]:
-        """The prediction and uncertainty layers, created below the scribbles once."""
+        """The prediction and uncertainty layers, created below the scribbles once.
+
+        Only layers this widget made are written (a user's layer that happens to
+        bear the name is left alone); their data follow the image's size.
+        """
         image = self._session_image
-        name = f"{image.name}{PREDICTION_SUFFIX}"
-        uname = f"{image.name}{UNCERTAINTY_SUFFIX}"
-        if name in self._viewer.layers and uname in self._viewer.layers:
-            return self._viewer.layers[name], self._viewer.layers[uname]
         shape = _spatial_shape(image, self._multichannel)
         geometry = _layer_geometry(image, len(shape))
         scribbles = self._watched
-        if name not in self._viewer.layers:
-            largest = MAX_CLASSES if scribbles is None else _largest(scribbles)
-            layer = self._viewer.add_labels(
+        if scribbles is not None:
+            largest = _largest(scribbles)
+        else:  # the classes of the model there is
+            classifier = self._session.classifier if self._session else None
+            largest = classifier.num_classes if classifier else MAX_CLASSES
+        name = f"{image.name}{PREDICTION_SUFFIX}"
+        uname = f"{image.name}{UNCERTAINTY_SUFFIX}"
+        prediction = self._own_output(name, shape, class_dtype(largest))
+        uncertainty = self._own_output(uname, shape, np.float32)
+        if prediction is None:
+            prediction = self._viewer.add_labels(
                 np.zeros(shape, class_dtype(largest)),
                 name=name,
                 opacity=0.5,
+                metadata={OUTPUT_MARK: True},
                 **geometry,
             )
             if scribbles is not None:
-                layer.colormap = scribbles.colormap
-        if uname not in self._viewer.layers:
-            self._viewer.add_image(
+                prediction.colormap = scribbles.colormap
+            self._outputs[name] = prediction
+        if uncertainty is None:
+            uncertainty = self._viewer.add_image(
                 np.zeros(shape, np.float32),
                 name=uname,
                 colormap="magma",
                 contrast_limits=(0, 1),
                 visible=False,
+                metadata={OUTPUT_MARK: True},
                 **geometry,
             )
+            self._outputs[uname] = uncertainty
         if scribbles is not None and scribbles in self._viewer.layers:
-            self._keep_painting_on(scribbles, (uname, name))
-        return self._viewer.layers[name], self._viewer.layers[uname]
+            self._keep_painting_on(scribbles, (uncertainty, prediction))
+        return prediction, uncertainty
 
-    def _keep_painting_on(self, scribbles: napari.layers.Labels, names) -> None:
+    def _own_output(self, name: str, shape: tuple[int, ...], dtype) -> Layer | None:
+        """The output layer ``name`` this widget made, if still in the viewer; its
+        data become zeros of ``shape`` and ``dtype`` if it has another shape or a
+        type that cannot hold ``dtype``'s values."""
+        layer = self._outputs.get(name)
+        if layer is None or layer not in self._viewer.layers:
+            layer = next(
+                (
+                    each
+                    for each in self._viewer.layers
+                    if each.name == name and each.metadata.get(OUTPUT_MARK)
+                ),
+                None,
+            )
+        if layer is None:
+            return None
+        if layer.data.shape != shape or not np.can_cast(dtype, layer.data.dtype):
+            layer.data = np.zeros(shape, dtype)  # the image got another size
+        self._outputs[name] = layer
+        return layer
+
+    def _keep_painting_on(self, scribbles: napari.layers.Labels, outputs) -> None:
         """Put output layers under the scribbles and keep the scribbles selected."""
         layers = self._viewer.layers
-        for name in names:
-            layers.move(layers.index(name), layers.index(scribbles))
+        for layer in outputs:
+            if layers.index(layer) > layers.index(scribbles):
+                layers.move(layers.index(layer), layers.index(scribbles))
         layers.selection.active = scribbles
 
     def _show_update(self, update: PredictionUpdate) -> None:
@@ -695,8 +732,9 @@ class DsparseWidget(Container):
             return
         image = self._session_image.name
         for suffix in (PREDICTION_SUFFIX, UNCERTAINTY_SUFFIX):
-            if f"{image}{suffix}" in self._viewer.layers:
-                self._viewer.layers[f"{image}{suffix}"].refresh()
+            layer = self._outputs.get(f"{image}{suffix}")
+            if layer is not None and layer in self._viewer.layers:
+                layer.refresh()
 
     # -- layer and setting changes ----------------------------------------------
 

@@ -253,6 +253,35 @@ def test_replacing_the_image_pixels_pauses_then_trains_on_them(
     )
 
 
+def test_an_image_of_another_size_gets_output_layers_of_its_size(
+    make_napari_viewer, qtbot, shown
+) -> None:
+    viewer, widget, scribbles = _viewer_with(make_napari_viewer, _disc_image())
+    _train_briefly(widget, qtbot)
+    viewer.layers["img"].data = _disc_image(96)
+    scribbles.data = _strokes((96, 96))
+    _train_briefly(widget, qtbot)  # fails on an exception in the update slot
+    prediction = viewer.layers["img prediction"]
+    assert prediction.data.shape == viewer.layers["img uncertainty"].data.shape
+    assert prediction.data.shape == (96, 96) and prediction.data.min() >= 1
+    assert not [text for kind, text in shown if kind == "error"]
+
+
+def test_a_user_layer_named_like_an_output_is_never_written(
+    make_napari_viewer, qtbot
+) -> None:
+    viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image())
+    theirs = viewer.add_labels(np.full((64, 64), 7, np.uint8), name="img prediction")
+    _train_briefly(widget, qtbot)
+    assert (theirs.data == 7).all()
+    ours = [
+        layer
+        for layer in viewer.layers
+        if layer.name.startswith("img prediction") and layer is not theirs
+    ]
+    assert len(ours) == 1 and ours[0].data.min() >= 1
+
+
 def test_a_session_saved_in_the_widget_restores_into_a_new_layer(
     make_napari_viewer, qtbot, shown, tmp_path
 ) -> None:
