@@ -319,6 +319,23 @@ def test_channels_named_in_the_file_need_no_channel_axis(
     np.testing.assert_array_equal(named[1, 2], expected[0])
 
 
+def test_tiff_samples_other_than_rgb_are_channels(
+    make_classifier, picture, tmp_path
+) -> None:
+    pair = np.stack([picture, picture[::-1]], axis=-1)  # (Y, X, 2): "YXS"
+    tifffile.imwrite(
+        tmp_path / "two.tif", pair, photometric="minisblack", planarconfig="contig"
+    )
+    two_channels = make_classifier(as_channels_first(pair, channel_axis=-1))
+    predict_file(two_channels, tmp_path / "two.tif", tmp_path / "named.tif")
+    predict_file(
+        two_channels, tmp_path / "two.tif", tmp_path / "given.tif", channel_axis=-1
+    )
+    named = tifffile.imread(tmp_path / "named.tif")
+    assert named.shape == (70, 90)  # not 70 planes of 90 x 2 pixels
+    np.testing.assert_array_equal(named, tifffile.imread(tmp_path / "given.tif"))
+
+
 @pytest.mark.parametrize("output", ["a.tif", "a_probabilities.tif"])
 def test_the_image_is_never_an_output(classifier, picture, tmp_path, output) -> None:
     image = tmp_path / output  # the classes' path, or that of their probabilities

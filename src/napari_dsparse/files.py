@@ -59,8 +59,9 @@ def channel_axis_of(path: str | Path, given: int | None = None) -> int | None:
     """``given``, else the channel axis the file's own metadata names, else ``None``.
 
     ImageJ hyperstacks and OME-TIFFs name their axes (``TZCYX``), OME-Zarr stores
-    type theirs; a ``C`` (or ``channel``) axis is the channels. Anything else, RGB
-    samples (``YXS``) included, is left to ``data.as_channels_first``.
+    type theirs; a ``C`` (or ``channel``) axis is the channels, and so are a TIFF's
+    samples (``YXS``) unless there are 3 or 4 of them: those are RGB(A), which
+    ``data.as_channels_first`` infers (alpha ignored).
     """
     if given is not None:
         return given
@@ -68,8 +69,13 @@ def channel_axis_of(path: str | Path, given: int | None = None) -> int | None:
     try:
         if path.suffix.lower() in (".tif", ".tiff") and path.is_file():
             with tifffile.TiffFile(path) as tif:
-                axes = tif.series[0].axes if tif.series else ""
-            return axes.index("C") if "C" in axes else None
+                series = tif.series[0] if tif.series else None
+                axes, shape = (series.axes, series.shape) if series else ("", ())
+            if "C" in axes:
+                return axes.index("C")
+            if "S" in axes and shape[axes.index("S")] not in (3, 4):  # not RGB(A)
+                return axes.index("S")
+            return None
         if path.name.lower().endswith(".zarr") and path.is_dir():
             return _zarr_channel_axis(path)
     except Exception:  # unreadable: the reader that follows says why
