@@ -187,6 +187,7 @@ def test_palette_png_labels_give_their_indices(files, capsys) -> None:
         ("image.tif", "single.npy", "fewer than two classes"),
         ("nan.tif", "nanlabels.npy", "NaN"),
         ("planes.tif", "nanlabels.npy", r"planes are channels.*--channel-axis 0"),
+        ("last.npy", "nanlabels.npy", r"last axis \(2 entries\).*--channel-axis -1"),
     ],
 )
 def test_bad_training_input_is_one_line_and_exit_2(
@@ -205,6 +206,7 @@ def test_bad_training_input_is_one_line_and_exit_2(
     nan_labels[1, 1], nan_labels[9, 9] = 1, 2
     _write(files / "nanlabels.npy", nan_labels)
     _write(files / "planes.tif", np.arange(800, dtype=np.float32).reshape(2, 20, 20))
+    _write(files / "last.npy", np.arange(800, dtype=np.float32).reshape(20, 20, 2))
     code, _, err = run(
         capsys,
         "train",

@@ -208,6 +208,12 @@ def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarr
                 f"; if the image's {image_shape[0]} planes are channels, give "
                 "the channel axis (--channel-axis 0 on the command line)"
             )
+        elif len(image_shape) == 3 and labels.shape == image_shape[:2]:
+            hint = (
+                f"; if the image's last axis ({image_shape[2]} entries) holds "
+                "channels, give the channel axis (--channel-axis -1 on the "
+                "command line)"
+            )
         shapes = f"labels shape {labels.shape} differs from the image's {image_shape}"
         raise InputError(shapes + hint)
     if np.issubdtype(labels.dtype, np.floating):
