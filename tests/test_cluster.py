@@ -10,8 +10,10 @@ import tifffile
 from napari_dsparse import cluster
 from napari_dsparse.cluster import predict_dask
 from napari_dsparse.data import InputError, as_channels_first
+from napari_dsparse.export import save_classifier
 from napari_dsparse.large import Outputs, predict_file
 from napari_dsparse.predict import predict_proba
+from napari_dsparse.workflows import predict_many
 
 distributed = pytest.importorskip("distributed")
 
@@ -61,6 +63,24 @@ def test_local_cluster_equals_single_process(classifier, image, tmp_path) -> Non
     np.testing.assert_array_equal(
         tifffile.imread(single[0]), tifffile.imread(clustered[0])
     )
+
+
+def test_quiet_means_no_cluster_progress_bar(
+    classifier, image, tmp_path, capfd
+) -> None:
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    save_classifier(classifier, tmp_path / "m.pt")
+    capfd.readouterr()
+    summary = predict_many(
+        tmp_path / "m.pt",
+        [tmp_path / "image.tif"],
+        tmp_path / "out.tif",
+        progress=False,
+        scheduler="local",
+    )
+    assert summary.written and not summary.failed
+    captured = capfd.readouterr()
+    assert "Completed" not in captured.out + captured.err
 
 
 def test_an_unreachable_scheduler(classifier, image, tmp_path, monkeypatch) -> None:

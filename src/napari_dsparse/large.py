@@ -483,10 +483,11 @@ def _finish_zarr(scratch: Path, output: Path) -> None:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, enabled: bool = True) -> Iterator[Progress]:
-    """A terminal progress bar (tqdm, on stderr) as a ``progress(done, total)``."""
+def progress_bar(description: str, enabled: bool = True) -> Iterator[Progress | None]:
+    """A terminal progress bar (tqdm, on stderr) as a ``progress(done, total)``;
+    ``None`` when not ``enabled`` (so a dask cluster's bar stays off too)."""
     if not enabled:
-        yield lambda _done, _total: None
+        yield None
         return
     from tqdm import tqdm
 
