@@ -133,6 +133,28 @@ def test_classes_without_strokes_are_named_and_left_out_of_the_counts(
     assert load_classifier(files / "m.pt").num_classes == 7
 
 
+def test_results_of_two_images_never_share_a_file(files, capsys) -> None:
+    code, _, err = run(
+        capsys,
+        "train",
+        files / "image.tif",
+        files / "labels.npy",
+        "-o",
+        files / "m.pt",
+        "--steps",
+        "2",
+    )
+    assert code == 0, err
+    inputs = files / "inputs"
+    inputs.mkdir()
+    for name in ("a.tif", "a_uncertainty.tif"):  # a's uncertainty, and an image
+        (inputs / name).write_bytes((files / "image.tif").read_bytes())
+    argv = ["predict", files / "m.pt", inputs, "-o", files / "out", "--uncertainty"]
+    code, _, err = run(capsys, *argv, "-q")
+    assert code == 2 and "two results would be written to" in err
+    assert "a_uncertainty.tif" in err and list((files / "out").iterdir()) == []
+
+
 def test_an_imagej_multichannel_file_trains_on_its_channels(files, capsys) -> None:
     image = tifffile.imread(files / "image.tif")
     channels = np.stack([image, image.max() - image])  # (C, Y, X)

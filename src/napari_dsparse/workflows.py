@@ -285,6 +285,19 @@ def _output_paths(images: Sequence[str | Path], output: Path) -> list[Path]:
     return [output / f"{stem}.tif" for stem in stems]
 
 
+def _check_distinct(results: list[Path]) -> None:
+    """``InputError`` if two results would go to one file (``a_probabilities.tif``
+    of ``a.tif`` and the classes of an input named ``a_probabilities.tif``)."""
+    seen: set[Path] = set()
+    for path in results:
+        if path in seen:
+            raise InputError(
+                f"two results would be written to {path}; rename one of the inputs "
+                "or predict them into separate folders"
+            )
+        seen.add(path)
+
+
 @dataclass
 class PredictSummary:
     """What :func:`predict_many` did: outputs written, files that failed, figures."""
@@ -370,10 +383,11 @@ def predict_many(
     images = expand_images(sources)
     targets = _output_paths(images, Path(output))
     outputs = Outputs(probabilities=probabilities, uncertainty=uncertainty)
-    check_not_overwriting(
-        [path for target in targets for path in result_paths(target, outputs).values()],
-        [Path(model_path), *images],
-    )
+    results = [
+        path for target in targets for path in result_paths(target, outputs).values()
+    ]
+    check_not_overwriting(results, [Path(model_path), *images])
+    _check_distinct(results)
     summary = PredictSummary()
     bar = tqdm(
         total=len(images),
