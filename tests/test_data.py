@@ -46,6 +46,18 @@ def test_four_dimensional_images_need_a_channel_axis() -> None:
         as_channels_first(np.zeros((2, 3, 4, 5)))
 
 
+@pytest.mark.parametrize(
+    ("shape", "channel_axis", "message"),
+    [
+        ((5,), None, r"needs 2 or more dimensions, not shape \(5,\)"),
+        ((4, 5), 0, r"shape \(4, 5\) has no axis to spare for channels"),
+    ],
+)
+def test_too_few_dimensions_are_named(shape, channel_axis, message) -> None:
+    with pytest.raises(InputError, match=message):
+        as_channels_first(np.zeros(shape), channel_axis)
+
+
 @pytest.mark.parametrize("channel_axis", [2, -3, 5])
 def test_a_channel_axis_outside_the_image_is_named(channel_axis) -> None:
     with pytest.raises(InputError, match=f"channel axis {channel_axis} does not exist"):

@@ -56,6 +56,10 @@ def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.
     4 or more dimensions need an explicit ``channel_axis``; the others are then
     ``Z, Y, X`` or, for time series, ``T, Z, Y, X`` merged into slices.
     """
+    if image.ndim < 2:
+        raise InputError(
+            f"an image needs 2 or more dimensions, not shape {image.shape}"
+        )
     if image.ndim == 3 and channel_axis is None and image.shape[-1] in (3, 4):
         return np.moveaxis(image[..., :3], -1, 0)[:, None]  # RGB; alpha ignored
     if channel_axis is None:
@@ -70,12 +74,15 @@ def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.
             f"channel axis {channel_axis} does not exist in an image of shape "
             f"{image.shape} (axes 0 to {image.ndim - 1}, or -1 for the last)"
         )
+    if image.ndim == 2:
+        raise InputError(
+            f"an image of shape {image.shape} has no axis to spare for channels "
+            "(a channel axis needs channels, Y and X): give none"
+        )
     moved = np.moveaxis(image, channel_axis, 0)
     if moved.ndim == 3:
         return moved[:, None]
-    if moved.ndim >= 4:  # volumes; time series of planes or volumes as slices
-        return as_planes(moved)
-    raise InputError(f"expected 2 or more dimensions, got shape {image.shape}")
+    return as_planes(moved)  # volumes; time series of planes or volumes as slices
 
 
 def check_layout(image: np.ndarray) -> None:
