@@ -662,6 +662,8 @@ class DsparseWidget(Container):
         uname = f"{image.name}{UNCERTAINTY_SUFFIX}"
         prediction = self._own_output(name, shape, class_dtype(largest))
         uncertainty = self._own_output(uname, shape, np.float32)
+        if prediction is not None and uncertainty is not None:
+            return prediction, uncertainty
         if prediction is None:
             prediction = self._viewer.add_labels(
                 np.zeros(shape, class_dtype(largest)),
@@ -713,8 +715,7 @@ class DsparseWidget(Container):
         """Put output layers under the scribbles and keep the scribbles selected."""
         layers = self._viewer.layers
         for layer in outputs:
-            if layers.index(layer) > layers.index(scribbles):
-                layers.move(layers.index(layer), layers.index(scribbles))
+            layers.move(layers.index(layer), layers.index(scribbles))
         layers.selection.active = scribbles
 
     def _show_update(self, update: PredictionUpdate) -> None:

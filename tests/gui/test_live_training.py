@@ -228,6 +228,17 @@ def test_output_layers_sit_below_the_scribbles(trained_viewer) -> None:
     assert viewer.layers.selection.active is scribbles
 
 
+def test_the_layer_the_user_selects_stays_selected(trained_viewer, qtbot) -> None:
+    viewer, widget, scribbles = trained_viewer
+    image = viewer.layers["disc"]
+    viewer.layers.selection.active = image  # e.g. to change its contrast
+    before = widget._session.labels_version
+    _paint_line(scribbles, 60, range(10, 30), 1)  # brings a new preview
+    qtbot.waitUntil(lambda: widget._session.labels_version > before, timeout=10_000)
+    qtbot.wait(1500)  # several previews drawn
+    assert viewer.layers.selection.active is image
+
+
 @pytest.mark.parametrize(
     ("make_image", "rgb", "channels"),
     [
