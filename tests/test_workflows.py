@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 
 import numpy as np
@@ -185,6 +186,23 @@ def test_a_grey_png_with_alpha_is_one_channel(files, capsys) -> None:
     )
     assert code == 0, err
     assert tifffile.imread(files / "grey.tif").shape == grey.shape
+
+
+@pytest.mark.parametrize("compression", ["lzw", "jpeg", "zstd"])
+def test_compressed_tiffs_train_and_predict(files, capsys, compression) -> None:
+    """tifffile reads these codecs through imagecodecs, a core dependency."""
+    assert any(
+        re.match(r"imagecodecs\b", requirement)
+        for requirement in importlib.metadata.requires("napari-dsparse")
+    )
+    image = tifffile.imread(files / "image.tif")
+    tifffile.imwrite(files / "packed.tif", image, compression=compression)
+    argv = ["train", files / "packed.tif", files / "labels.npy", "--steps", "2"]
+    code, _, err = run(capsys, *argv, "-o", files / "m.pt")
+    assert code == 0, err
+    argv = ["predict", files / "m.pt", files / "packed.tif", "-o", files / "p.tif"]
+    code, _, err = run(capsys, *argv, "-q")
+    assert code == 0, err
 
 
 def test_palette_png_labels_give_their_indices(files, capsys) -> None:
