@@ -87,7 +87,7 @@ def _check_pair(
     if tuple(scribbles.data.shape) != spatial:
         raise InputError(
             f"the scribble layer's shape {scribbles.data.shape} differs from the "
-            f"image's {spatial}"
+            f"image's {spatial}; 'Add scribble layer' makes one that fits"
         )
     return multichannel
 

@@ -65,7 +65,7 @@ def _train_briefly(widget, qtbot) -> None:
     [
         (np.full((32, 32), 3.0, np.float32), None, "nothing to tell classes apart"),
         (np.where(np.eye(32) > 0, np.nan, 1.0), None, "NaN or infinite"),
-        (_disc_image(), np.zeros((60, 64), np.uint8), "differs from the image"),
+        (_disc_image(), np.zeros((60, 64), np.uint8), "'Add scribble layer' makes"),
     ],
     ids=["constant", "nan", "shape"],
 )
