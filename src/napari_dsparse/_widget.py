@@ -853,9 +853,9 @@ class DsparseWidget(Container):
         if classifier is None:
             show_warning("Train or load a model first.")
             return None
-        multichannel = (
+        multichannel = (  # (C, Y, X), (C, Z, Y, X)...: a single channel cannot fit
             not target.rgb
-            and target.ndim == 3
+            and target.ndim >= 3
             and target.data.shape[0] == classifier.in_channels > 1
         )
         try:

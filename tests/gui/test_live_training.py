@@ -264,3 +264,9 @@ def test_rgb_and_multichannel_layers_train(
     assert widget._session.image.shape == (channels, 1, 64, 64)
     assert viewer.layers["multi prediction"].data.shape == (64, 64)
     assert viewer.layers["multi prediction"].data.min() >= 1
+    if not rgb:  # the model meets a (C, Z, Y, X) stack of the same channels
+        stack = viewer.add_image(np.stack([make_image(_disc_image(64))] * 3, axis=1))
+        with qtbot.waitSignal(widget.apply_to_layer(stack).finished, timeout=20_000):
+            pass
+        result = viewer.layers[f"{stack.name} prediction"].data
+        assert result.shape == (3, 64, 64) and result.min() >= 1
