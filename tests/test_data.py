@@ -92,6 +92,13 @@ def test_the_largest_class_id_is_accepted() -> None:
     assert check_labels(labels, (1, 8, 8)).max() == MAX_CLASSES
 
 
+def test_labels_with_a_trailing_axis_of_one_are_accepted() -> None:
+    labels = np.zeros((8, 8, 1), np.uint8)  # (Y, X, 1), as masks are often saved
+    labels[2, 3, 0] = 2
+    checked = check_labels(labels, (1, 8, 8))
+    assert checked.shape == (1, 8, 8) and checked[0, 2, 3] == 2
+
+
 def test_float_labels_with_whole_values_are_accepted() -> None:
     labels = check_labels(np.full((8, 8), 2.0), (1, 8, 8))
     assert labels.shape == (1, 8, 8) and (labels == 2).all()

@@ -203,6 +203,8 @@ def check_labels(labels: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarr
     up to 255 classes): the snapshots a live session keeps cost one byte a pixel.
     """
     image_shape = spatial_shape[1:] if spatial_shape[0] == 1 else spatial_shape
+    if labels.ndim > 2 and labels.shape[-1] == 1 and labels.shape[:-1] == image_shape:
+        labels = labels[..., 0]  # (Y, X, 1), as masks are often saved
     planes = int(np.prod(labels.shape[:-2]))
     if labels.ndim > 3 and (planes, *labels.shape[-2:]) == tuple(spatial_shape):
         labels = labels.reshape(spatial_shape)  # a time series: planes as slices
