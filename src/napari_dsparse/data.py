@@ -51,8 +51,9 @@ def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.
     """View ``image`` as ``(C, Z, Y, X)`` without copying.
 
     With ``channel_axis=None`` the layout is inferred as napari does for RGB: a 3D
-    array whose last axis has 3 or 4 entries is ``(Y, X, RGB[A])`` (alpha ignored);
-    any other 2D or 3D array is one channel (``(Y, X)`` or ``(Z, Y, X)``). Arrays of
+    array whose last axis has 3 or 4 entries is ``(Y, X, RGB[A])`` (alpha ignored),
+    one whose last axis has 1 entry is ``(Y, X, 1)``; any other 2D or 3D array is
+    one channel (``(Y, X)`` or ``(Z, Y, X)``). Arrays of
     4 or more dimensions need an explicit ``channel_axis``; the others are then
     ``Z, Y, X`` or, for time series, ``T, Z, Y, X`` merged into slices.
     """
@@ -62,6 +63,8 @@ def as_channels_first(image: np.ndarray, channel_axis: int | None = None) -> np.
         )
     if image.ndim == 3 and channel_axis is None and image.shape[-1] in (3, 4):
         return np.moveaxis(image[..., :3], -1, 0)[:, None]  # RGB; alpha ignored
+    if image.ndim == 3 and channel_axis is None and image.shape[-1] == 1:
+        return np.moveaxis(image, -1, 0)[:, None]  # (Y, X, 1): one channel
     if channel_axis is None:
         if image.ndim not in (2, 3):
             raise InputError(

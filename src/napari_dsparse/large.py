@@ -323,7 +323,7 @@ def _spatial_shape(
     if channel_axis is not None:
         axis = channel_axis % len(raw_shape)
         shape = raw_shape[:axis] + raw_shape[axis + 1 :]
-    elif len(raw_shape) == 3 and raw_shape[-1] in (3, 4):  # RGB(A)
+    elif len(raw_shape) == 3 and raw_shape[-1] in (1, 3, 4):  # (Y, X, 1), RGB(A)
         shape = raw_shape[:-1]
     else:
         shape = raw_shape
