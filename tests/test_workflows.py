@@ -205,6 +205,24 @@ def test_compressed_tiffs_train_and_predict(files, capsys, compression) -> None:
     assert code == 0, err
 
 
+def test_jpeg_images_are_read_and_jpeg_labels_refused(files, capsys) -> None:
+    image = tifffile.imread(files / "image.tif").astype(np.uint8)
+    Image.fromarray(image).save(files / "photo.jpg", quality=95)
+    argv = ["train", files / "photo.jpg", files / "labels.npy", "--steps", "2"]
+    code, _, err = run(capsys, *argv, "-o", files / "m.pt")
+    assert code == 0, err
+    code, _, err = run(
+        capsys, "predict", files / "m.pt", files, "-o", files / "out", "-q"
+    )
+    assert code == 0, err
+    assert tifffile.imread(files / "out" / "photo.tif").shape == image.shape
+    labels = np.load(files / "labels.npy").astype(np.uint8)
+    Image.fromarray(labels).save(files / "labels.jpg")
+    argv = ["train", files / "image.tif", files / "labels.jpg", "--steps", "2"]
+    code, _, err = run(capsys, *argv, "-o", files / "m2.pt")
+    assert code == 2 and "JPEG compression changes class ids" in err
+
+
 def test_palette_png_labels_give_their_indices(files, capsys) -> None:
     labels = np.load(files / "labels.npy").astype(np.uint8)
     palette = Image.fromarray(labels, mode="P")  # how annotation tools save them

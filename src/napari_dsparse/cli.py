@@ -160,7 +160,9 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "(0 unpainted, 1..K classes). Images may differ in size; their channels "
         "must agree.",
     )
-    train.add_argument("image", nargs="?", help="image file (.tif, .tiff, .npy, .png)")
+    train.add_argument(
+        "image", nargs="?", help="image file (.tif, .tiff, .npy, .png, .jpg)"
+    )
     train.add_argument("labels", nargs="?", help="labels: 0 unpainted, 1..K classes")
     train.add_argument(
         "--pair",
@@ -258,8 +260,8 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "images",
         nargs="+",
-        help="image files or zarr stores, folders (their .tif/.tiff/.npy/.png files "
-        "and .zarr stores) or quoted glob patterns such as 'data/*.tif'",
+        help="image files or zarr stores, folders (their .tif/.tiff/.npy/.png/.jpg "
+        "files and .zarr stores) or quoted glob patterns such as 'data/*.tif'",
     )
     predict.add_argument(
         "--output",

@@ -17,11 +17,12 @@ __all__ = [
     "check_not_overwriting",
     "read_array",
     "read_labels",
-    "read_png",
+    "read_picture",
     "write_tif",
 ]
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".npy", ".png")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # read whole, by scikit-image
+IMAGE_SUFFIXES = (".tif", ".tiff", ".npy", *PICTURE_SUFFIXES)
 
 
 def read_array(path: str | Path) -> np.ndarray:
@@ -40,13 +41,14 @@ def read_array(path: str | Path) -> np.ndarray:
             return tifffile.imread(path)
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
-        return read_png(path)
+        return read_picture(path)
     except Exception as error:
         raise InputError(f"cannot read {path}: {error}") from error
 
 
-def read_png(path: str | Path) -> np.ndarray:
-    """A PNG's pixels; grey with alpha gives the grey (alpha ignored, as for RGBA)."""
+def read_picture(path: str | Path) -> np.ndarray:
+    """A PNG's or JPEG's pixels; grey with alpha gives the grey (alpha ignored, as
+    for RGBA)."""
     from skimage.io import imread
 
     image = imread(path)
@@ -104,6 +106,11 @@ def read_labels(path: str | Path) -> np.ndarray:
     colour); read as a picture, they would be colours, not class ids.
     """
     path = Path(path)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        raise InputError(
+            f"{path}: JPEG compression changes class ids at stroke edges; save the "
+            "labels as .png, .tif or .npy"
+        )
     if path.suffix.lower() == ".png" and path.is_file():
         from PIL import Image
 

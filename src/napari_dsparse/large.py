@@ -27,7 +27,12 @@ from torch import nn
 
 from napari_dsparse.data import InputError, Normalization, as_channels_first
 from napari_dsparse.export import WriteError, os_error_message, write_atomically
-from napari_dsparse.files import channel_axis_of, check_not_overwriting, read_png
+from napari_dsparse.files import (
+    PICTURE_SUFFIXES,
+    channel_axis_of,
+    check_not_overwriting,
+    read_picture,
+)
 from napari_dsparse.interrupts import interrupts_between_steps, stop_if_interrupted
 from napari_dsparse.model import Classifier
 from napari_dsparse.predict import (
@@ -51,7 +56,7 @@ __all__ = [
 ]
 
 DEFAULT_MEMORY = 2**30  # bytes for one tile's activations and buffers (1 GB)
-LAZY_SUFFIXES = (".tif", ".tiff", ".npy", ".png", ".zarr")
+LAZY_SUFFIXES = (".tif", ".tiff", ".npy", *PICTURE_SUFFIXES, ".zarr")
 OUTPUT_SUFFIXES = (".tif", ".tiff", ".zarr")
 TILE_MULTIPLE = 16  # TIFF tiles must be multiples of 16 pixels
 MAX_TILE = 4096  # larger tiles gain no speed and make progress coarse
@@ -110,7 +115,7 @@ def open_lazy(path: str | Path) -> da.Array:
             return da.from_array(array, chunks=_row_chunks(array), asarray=True)
         if suffix == ".zarr":
             return _open_zarr(path)
-        return da.from_array(read_png(path))
+        return da.from_array(read_picture(path))
     except InputError:
         raise
     except Exception as error:
