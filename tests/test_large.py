@@ -383,7 +383,8 @@ def test_a_grayscale_model_gives_no_channel_hint(classifier, tmp_path) -> None:
     [
         ("bad.tif", b"not a tiff at all", "cannot read"),
         ("bad.npy", b"\x93NUMPY garbage", "cannot read"),
-        ("image.jpg", b"", "unsupported file type"),
+        ("image.gif", b"", "unsupported file type"),
+        ("image.jpg", b"not a jpeg", "cannot identify image file"),
         ("missing.tif", None, "does not exist"),
     ],
 )

@@ -49,8 +49,11 @@ def read_array(path: str | Path) -> np.ndarray:
 def read_picture(path: str | Path) -> np.ndarray:
     """A PNG's or JPEG's pixels; grey with alpha gives the grey (alpha ignored, as
     for RGBA)."""
+    from PIL import Image
     from skimage.io import imread
 
+    with Image.open(path):  # a clear "cannot identify image file" if it is none
+        pass
     image = imread(path)
     if image.ndim == 3 and image.shape[-1] == 2:  # (Y, X, grey + alpha)
         return image[..., 0]
