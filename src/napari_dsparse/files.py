@@ -13,6 +13,7 @@ from napari_dsparse.export import write_atomically
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "PICTURE_SUFFIXES",
     "channel_axis_of",
     "check_not_overwriting",
     "read_array",
