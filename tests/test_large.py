@@ -221,21 +221,29 @@ def test_interrupted_prediction_leaves_no_output(classifier, picture, tmp_path) 
     assert [p.name for p in tmp_path.iterdir()] == ["a.npy"]
 
 
+@pytest.mark.parametrize(
+    ("failure", "expected", "message"),
+    [
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), InputError, "disk is full"),
+        (KeyboardInterrupt(), KeyboardInterrupt, None),  # Ctrl-C while writing
+    ],
+    ids=["full disk", "Ctrl-C"],
+)
 def test_results_written_before_a_failure_are_removed(
-    classifier, picture, tmp_path, monkeypatch
+    classifier, picture, tmp_path, monkeypatch, failure, expected, message
 ) -> None:
     """The classes go last; if they fail, no uncertainty file says otherwise."""
     np.save(tmp_path / "a.npy", picture)
     write = large.tifffile.imwrite
 
-    def full_for_the_classes(path, *args, **kwargs):
+    def failing_for_the_classes(path, *args, **kwargs):
         if ".out.tif." in Path(path).name:  # the classes' temporary file
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise failure
         return write(path, *args, **kwargs)
 
-    monkeypatch.setattr(large.tifffile, "imwrite", full_for_the_classes)
+    monkeypatch.setattr(large.tifffile, "imwrite", failing_for_the_classes)
     outputs = Outputs(probabilities=True, uncertainty=True)
-    with pytest.raises(InputError, match="disk is full"):
+    with pytest.raises(expected, match=message):
         predict_file(classifier, tmp_path / "a.npy", tmp_path / "out.tif", outputs)
     assert [p.name for p in tmp_path.iterdir()] == ["a.npy"]
 

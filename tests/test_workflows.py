@@ -154,6 +154,10 @@ def test_results_of_two_images_never_share_a_file(files, capsys) -> None:
     code, _, err = run(capsys, *argv, "-q")
     assert code == 2 and "two results would be written to" in err
     assert "a_uncertainty.tif" in err and list((files / "out").iterdir()) == []
+    (inputs / "a_uncertainty.tif").rename(inputs / "a.npy")  # a.tif and a.npy
+    np.save(inputs / "a.npy", np.zeros((8, 8), np.float32))
+    code, _, err = run(capsys, *argv[:-1], "-q")
+    assert code == 2 and f"written to {files / 'out' / 'a.tif'}" in err
 
 
 def test_an_imagej_multichannel_file_trains_on_its_channels(files, capsys) -> None:

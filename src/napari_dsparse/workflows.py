@@ -279,15 +279,13 @@ def _output_paths(images: Sequence[str | Path], output: Path) -> list[Path]:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"cannot create output folder {output}: {error}") from error
-    stems = [Path(image).stem for image in images]
-    if len(set(stems)) < len(stems):
-        raise InputError("two input images share a file name; outputs would collide")
-    return [output / f"{stem}.tif" for stem in stems]
+    return [output / f"{Path(image).stem}.tif" for image in images]
 
 
 def _check_distinct(results: list[Path]) -> None:
-    """``InputError`` if two results would go to one file (``a_probabilities.tif``
-    of ``a.tif`` and the classes of an input named ``a_probabilities.tif``)."""
+    """``InputError`` if two results would go to one file: inputs of one name
+    (``a.tif``, ``a.png``), or ``a_probabilities.tif`` of ``a.tif`` and the classes
+    of an input named ``a_probabilities.tif``."""
     seen: set[Path] = set()
     for path in results:
         if path in seen:
