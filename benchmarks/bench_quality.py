@@ -70,6 +70,7 @@ class Settings:
     lr_half_life: int | None = TrainConfig.lr_half_life  # None: constant rate
     prior_strength: float = TrainConfig.prior_strength  # 0: the network's posteriors
     mix: float = TrainConfig.mix  # 0: no CutMix of the crops
+    focal_gamma: float = TrainConfig.focal_gamma  # 0: plain cross-entropy
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -77,6 +78,7 @@ class Settings:
             lr_half_life=self.lr_half_life,
             prior_strength=self.prior_strength,
             mix=self.mix,
+            focal_gamma=self.focal_gamma,
         )
 
 
@@ -358,11 +360,12 @@ def format_table(results: list[Result], settings: Settings) -> str:
 
 
 def add_recipe_options(parser: argparse.ArgumentParser) -> None:
-    """``--lr-half-life N``, ``--prior-strength S`` and ``--mix M``, as in
-    ``TrainConfig``.
+    """``--lr-half-life N``, ``--prior-strength S``, ``--mix M`` and
+    ``--focal-gamma G``, as in ``TrainConfig``.
 
     A half-life of 0 keeps the rate constant; a strength of 0 keeps the painted
-    classes' prior; a mix of 0 trains on unmixed crops.
+    classes' prior; a mix of 0 trains on unmixed crops; a gamma of 0 trains on the
+    plain cross-entropy.
     """
     parser.add_argument(
         "--lr-half-life",
@@ -384,6 +387,13 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
         default=TrainConfig.mix,
         help="share of our crops that get a rectangle of another crop pasted in, "
         "0-1 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--focal-gamma",
+        type=float,
+        default=TrainConfig.focal_gamma,
+        help="focusing exponent of our loss, 0 or 1-10; 0: plain cross-entropy "
+        "(default: %(default)s)",
     )
 
 
@@ -415,6 +425,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         lr_half_life=args.lr_half_life or None,
         prior_strength=args.prior_strength,
         mix=args.mix,
+        focal_gamma=args.focal_gamma,
     )
     return args, settings
 
@@ -445,7 +456,8 @@ def run_seed(tasks: list[str] | None, settings: Settings, threads: int) -> list[
         f"torch {torch.__version__}, {threads} threads, preset "
         f"{settings.preset}, seed {settings.seed}, lr half-life "
         f"{settings.lr_half_life or 'none'}, class-prior strength "
-        f"{settings.prior_strength:g}, mix {settings.mix:g}; corrections: "
+        f"{settings.prior_strength:g}, mix {settings.mix:g}, focal gamma "
+        f"{settings.focal_gamma:g}; corrections: "
         f"{CORRECTION_STROKES} strokes per round, ours warm-starts "
         f"{settings.round_seconds:g} s per round, RF refits; 1-min load average "
         f"{load_before} before, {os.getloadavg()[0]:.2f} after\n"

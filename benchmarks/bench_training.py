@@ -98,6 +98,7 @@ def run_variant(name: str, args: argparse.Namespace) -> str:
         class_balance=not args.no_balance,
         lr_half_life=args.lr_half_life or None,
         prior_strength=args.prior_strength,
+        focal_gamma=args.focal_gamma,
         mix=args.mix,
         seed=args.seed,
     )

@@ -33,10 +33,12 @@ def _parameters(trainer: Trainer) -> list[torch.Tensor]:
     return [p.detach().clone() for p in trainer.classifier.patch_net.parameters()]
 
 
-def test_unpainted_logits_get_no_gradient(rng) -> None:
+@pytest.mark.parametrize("focal_gamma", [0.0, 2.0])
+def test_unpainted_logits_get_no_gradient(rng, focal_gamma) -> None:
     logits = torch.tensor(rng.normal(size=(2, 3, 5, 6)), requires_grad=True)
     targets = torch.tensor(rng.integers(0, 4, (2, 5, 6)))
-    loss = masked_cross_entropy(logits, targets, torch.tensor([1.0, 2.0, 0.5]))
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    loss = masked_cross_entropy(logits, targets, weights, focal_gamma)
     loss.backward()
     unpainted = (targets == 0).unsqueeze(1).expand_as(logits)
     assert logits.grad[unpainted].abs().max() == 0
@@ -50,16 +52,54 @@ def test_masked_loss_is_the_weighted_mean_over_painted_pixels() -> None:
     assert loss.item() == pytest.approx(np.log(2))
 
 
-def test_painted_loss_equals_the_masked_loss_on_dense_logits(rng) -> None:
+@pytest.mark.parametrize("focal_gamma", [0.0, 2.0])
+def test_painted_loss_equals_the_masked_loss_on_dense_logits(rng, focal_gamma) -> None:
     logits = torch.tensor(rng.normal(size=(2, 3, 5, 6)))
     targets = torch.tensor(rng.integers(0, 4, (2, 5, 6)))
     weights = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
     painted = targets > 0
     flat = logits.movedim(1, -1)[painted]  # (M, K)
     torch.testing.assert_close(
-        painted_cross_entropy(flat, targets[painted] - 1, weights),
-        masked_cross_entropy(logits, targets, weights),
+        painted_cross_entropy(flat, targets[painted] - 1, weights, focal_gamma),
+        masked_cross_entropy(logits, targets, weights, focal_gamma),
     )
+
+
+@pytest.mark.parametrize("focal_gamma", [0.0, 1.0, 2.0, 4.5])
+def test_the_focal_loss_is_its_formula(rng, focal_gamma) -> None:
+    logits = rng.normal(scale=3.0, size=(40, 3))
+    classes = rng.integers(0, 3, 40)
+    weights = np.array([1.0, 2.0, 0.5])
+    exp = np.exp(logits - logits.max(1, keepdims=True))
+    p = (exp / exp.sum(1, keepdims=True))[np.arange(40), classes]
+    per_pixel = -((1 - p) ** focal_gamma) * np.log(p)
+    expected = (per_pixel * weights[classes]).sum() / weights[classes].sum()
+    loss = painted_cross_entropy(
+        torch.tensor(logits), torch.tensor(classes), torch.tensor(weights), focal_gamma
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_step_takes_the_configured_focal_loss(
+    make_classifier, gray_image, disc_labels
+) -> None:
+    losses = {}
+    for gamma in (0.0, 2.0):
+        trainer = Trainer(
+            make_classifier(gray_image),
+            gray_image,
+            disc_labels,
+            replace(WHOLE, focal_gamma=gamma),
+        )
+        losses[gamma], _ = trainer.step()
+    # the same batch and weights, each pixel's loss scaled by (1 - p)**2 < 1
+    assert 0 < losses[2.0] < losses[0.0]
+
+
+@pytest.mark.parametrize("focal_gamma", [-1.0, 0.5, 11.0, float("nan")])
+def test_focal_gammas_that_cannot_train_are_refused(focal_gamma) -> None:
+    with pytest.raises(ValueError, match="focal_gamma must be 0 or between 1 and 10"):
+        TrainConfig(focal_gamma=focal_gamma)
 
 
 def test_pixels_outside_every_painted_patch_do_not_change_a_step(
@@ -332,15 +372,19 @@ def _small_class_image(rng) -> tuple[np.ndarray, np.ndarray, float]:
     return as_channels_first(image.astype(np.float32)), labels, 16 * 16 / 64**2
 
 
-def test_the_fitted_prior_comes_near_the_image_share(make_classifier, rng) -> None:
+@pytest.mark.parametrize(("focal_gamma", "way"), [(0.0, 0.75), (2.0, 0.5)])
+def test_the_fitted_prior_comes_near_the_image_share(
+    make_classifier, rng, focal_gamma, way
+) -> None:
     image, labels, share = _small_class_image(rng)
-    trainer = Trainer(make_classifier(image, preset="pixel"), image, labels, WHOLE)
+    config = replace(WHOLE, focal_gamma=focal_gamma)
+    trainer = Trainer(make_classifier(image, preset="pixel"), image, labels, config)
     for _ in range(150):
         trainer.step()
     prior = trainer.fit_class_prior()
     # the mean posterior: most of the way from the training prior (0.5) to the
-    # share, never past it
-    assert share - 0.01 < prior[1] < share + 0.25 * (0.5 - share)
+    # share, never past it; the focal loss's softer posteriors go less far
+    assert share - 0.01 < prior[1] < share + (1 - way) * (0.5 - share)
     ratio = trainer.classifier.class_prior().log_ratio.numpy()
     expected = 0.5 * np.log(prior / trainer.training_prior())
     np.testing.assert_allclose(ratio, expected, rtol=1e-5)

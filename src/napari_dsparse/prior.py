@@ -11,7 +11,8 @@ under the image's prior (Saerens, Latinne & Decaestecker, Neural Computation 14,
 
 The image prior is estimated as the mean posterior over the image's pixels
 ("probabilistic classify and count"). Where classes overlap this lies between the
-training prior and the true shares, so it errs on the side of no change; EM
+training prior and the true shares (nearer the former for the softer posteriors of
+the focal loss, ``TrainConfig.focal_gamma``), so it errs on the side of no change; EM
 iterations (Saerens et al.) go further and, on a network trained for a few
 hundred steps, wiped out a rare class (docs/benchmarks.md). Plain NumPy.
 """
