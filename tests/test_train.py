@@ -21,6 +21,7 @@ from napari_dsparse.train import (
     TrainConfig,
     Trainer,
     TrainingDiverged,
+    TrainStatus,
     iter_train,
     masked_cross_entropy,
     painted_cross_entropy,
@@ -435,3 +436,11 @@ def test_the_prior_sample_is_read_once_per_training_set(
     trainer.set_labels(labels)
     trainer.fit_class_prior()
     assert len(reads) == 2 * windows
+
+
+@pytest.mark.parametrize(
+    ("loss", "text"), [(1.2345e-4, "0.000123"), (0.5, "0.5"), (2.71828, "2.72")]
+)
+def test_small_losses_do_not_read_as_zero(loss, text) -> None:
+    status = TrainStatus(1, loss, 10.0, (5, 5), "crops", 1, 1e-3)
+    assert status.loss_text == text

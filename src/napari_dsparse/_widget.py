@@ -1180,7 +1180,7 @@ def _status_text(session: LiveSession, status: TrainStatus) -> str:
         painted += f" ({unpainted} classes without strokes)"
     device = session.classifier.device if session.classifier else "?"
     return (
-        f"step {status.step} · loss {status.loss:.3f} · "
+        f"step {status.step} · loss {status.loss_text} · "
         f"{status.steps_per_second:.1f} steps/s · rate {status.learning_rate:.1e} · "
         f"{device}\npainted: {painted}"
     )

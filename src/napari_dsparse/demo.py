@@ -84,7 +84,7 @@ def run_headless_demo(
                 report(event.message)
         report(
             f"round {round_number}/{rounds}: step {status.step}, "
-            f"loss {status.loss:.4f}, {status.steps_per_second:.1f} steps/s, "
+            f"loss {status.loss_text}, {status.steps_per_second:.1f} steps/s, "
             f"painted {list(status.painted)}, "
             f"mean IoU {mean_iou(truth, classes):.3f} "
             f"({time.perf_counter() - start:.1f} s)"

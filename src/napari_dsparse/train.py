@@ -114,6 +114,15 @@ class TrainStatus:
     labels_version: int  # how many label snapshots the trainer has received
     learning_rate: float  # of the next step (see ``TrainConfig.lr_half_life``)
 
+    @property
+    def loss_text(self) -> str:
+        """The loss to three significant digits.
+
+        A well-fitted model's focal loss lies far below 0.001, which fixed decimals
+        show as 0.
+        """
+        return f"{self.loss:.3g}"
+
 
 @dataclass(frozen=True)
 class _Batch:

@@ -216,7 +216,7 @@ def _drive(statuses, report: Report, every: float = 1.0) -> bool:
             if time.perf_counter() - last >= every:
                 last = time.perf_counter()
                 report(
-                    f"step {status.step:6d}  loss {status.loss:.4f}  "
+                    f"step {status.step:6d}  loss {status.loss_text}  "
                     f"{status.steps_per_second:5.1f} steps/s  "
                     f"rate {status.learning_rate:.1e}"
                 )
@@ -226,7 +226,7 @@ def _drive(statuses, report: Report, every: float = 1.0) -> bool:
         stopped = take_interrupt() or stopped  # pressed as the budget ran out
     if status is not None:
         done = "stopped by Ctrl-C" if stopped else "done"
-        report(f"{done}: {status.step} steps, last loss {status.loss:.4f}")
+        report(f"{done}: {status.step} steps, last loss {status.loss_text}")
     return stopped
 
 
