@@ -153,7 +153,8 @@ def test_results_of_two_images_never_share_a_file(files, capsys) -> None:
     argv = ["predict", files / "m.pt", inputs, "-o", files / "out", "--uncertainty"]
     code, _, err = run(capsys, *argv, "-q")
     assert code == 2 and "two results would be written to" in err
-    assert "a_uncertainty.tif" in err and list((files / "out").iterdir()) == []
+    assert "a_uncertainty.tif" in err
+    assert not (files / "out").exists()  # a refused run leaves no empty folder
     (inputs / "a_uncertainty.tif").rename(inputs / "a.npy")  # a.tif and a.npy
     np.save(inputs / "a.npy", np.zeros((8, 8), np.float32))
     code, _, err = run(capsys, *argv[:-1], "-q")

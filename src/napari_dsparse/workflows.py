@@ -268,18 +268,26 @@ def predict_files(
 
 
 def _output_paths(images: Sequence[str | Path], output: Path) -> list[Path]:
-    """One .tif for a single image, else ``output/<image stem>.tif`` for each."""
+    """One .tif for a single image, else ``output/<image stem>.tif`` for each.
+
+    The folder is not made here (:func:`_make_folder`), so a run refused by a later
+    check leaves nothing behind.
+    """
     if len(images) == 1 and output.suffix.lower() in (".tif", ".tiff", ".zarr"):
         return [output]
     if output.suffix.lower() in (".tif", ".tiff", ".zarr"):
         raise InputError(
             f"{len(images)} images need an output folder, not the file {output}"
         )
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create output folder {output}: {error}") from error
     return [output / f"{Path(image).stem}.tif" for image in images]
+
+
+def _make_folder(folder: Path) -> None:
+    """Make the output folder and its parents; ``InputError`` if that fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create output folder {folder}: {error}") from error
 
 
 def _check_distinct(results: list[Path]) -> None:
@@ -386,6 +394,8 @@ def predict_many(
     ]
     check_not_overwriting(results, [Path(model_path), *images])
     _check_distinct(results)
+    if targets != [Path(output)]:  # one result per image, in the folder ``output``
+        _make_folder(Path(output))
     summary = PredictSummary()
     bar = tqdm(
         total=len(images),
