@@ -102,11 +102,20 @@ def test_single_form_and_pairs_combine_and_fixed_normalization(pairs, capsys) ->
             ("--pair", "a.tif", "a_labels.npy", "--pair", "rgb.tif", "a_labels.npy"),
             "same channels",
         ),
+        (
+            ("a.tif", "a_labels.npy", "--pair", "a.tif", "a_labels.npy"),
+            "a_labels.npy is given twice",
+        ),
+        (
+            ("--pair", "a.tif", "a_labels.npy", "--pair", "link.tif", "a_labels.npy"),
+            "link.tif",  # another name for a.tif
+        ),
     ],
 )
 def test_bad_pairs_are_one_line_and_exit_2(pairs, capsys, argv, message) -> None:
     rgb = np.stack([tifffile.imread(pairs / "a.tif")] * 3, axis=-1)
     tifffile.imwrite(pairs / "rgb.tif", rgb)
+    (pairs / "link.tif").symlink_to(pairs / "a.tif")
     argv = [pairs / a if "." in a else a for a in argv]
     code, _, err = run(capsys, "train", *argv, "-o", pairs / "m.pt", "--steps", "1")
     assert code == 2 and message in err

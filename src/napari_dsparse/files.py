@@ -16,6 +16,7 @@ __all__ = [
     "PICTURE_SUFFIXES",
     "channel_axis_of",
     "check_not_overwriting",
+    "check_pairs_distinct",
     "read_array",
     "read_labels",
     "read_picture",
@@ -153,6 +154,26 @@ def check_not_overwriting(outputs: Iterable[Path], inputs: Iterable[Path]) -> No
                 f"the output {output} would overwrite the input {source}; "
                 "choose another output"
             )
+
+
+def check_pairs_distinct(pairs: Iterable[tuple[Path, Path]]) -> None:
+    """``InputError`` if one ``(image, labels)`` pair of files is given twice.
+
+    Training on it twice would silently double its weight. Files are compared as in
+    :func:`check_not_overwriting`; files that do not exist are left to the reader.
+    """
+    seen: dict[tuple[tuple[int, int], tuple[int, int]], tuple[Path, Path]] = {}
+    for image, labels in pairs:
+        image, labels = Path(image), Path(labels)
+        if not (image.exists() and labels.exists()):
+            continue
+        key = (_identity(image), _identity(labels))
+        if key in seen:
+            raise InputError(
+                f"the pair {image} {labels} is given twice (also as "
+                f"{seen[key][0]} {seen[key][1]}); give each pair once"
+            )
+        seen[key] = (image, labels)
 
 
 def _identity(path: Path) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from napari_dsparse.files import (
     IMAGE_SUFFIXES,
     channel_axis_of,
     check_not_overwriting,
+    check_pairs_distinct,
     read_array,
     read_labels,
 )
@@ -122,6 +123,7 @@ def train_from_pairs(
     if not pairs:
         raise InputError("give at least one image and its labels")
     check_not_overwriting([Path(output)], [path for pair in pairs for path in pair])
+    check_pairs_distinct((Path(image), Path(labels)) for image, labels in pairs)
     loaded = [_read_pair(image, labels, channel_axis) for image, labels in pairs]
     num_classes = max(int(labels.max()) for _, labels in loaded)
     counts = sum(class_counts(labels, num_classes) for _, labels in loaded)
