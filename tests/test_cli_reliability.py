@@ -84,6 +84,25 @@ def test_train_never_writes_the_model_over_its_inputs(
     assert (image.read_bytes(), labels.read_bytes()) == before
 
 
+@pytest.mark.parametrize(
+    ("folder", "reason"), [("missing", "does not exist"), ("a file", "is a file")]
+)
+def test_train_checks_the_models_folder_before_training(
+    capsys, tmp_path, strokes, monkeypatch, folder, reason
+) -> None:
+    image, labels = _training_files(tmp_path, strokes)
+    (tmp_path / "a file").write_text("not a folder")
+    monkeypatch.setattr(Trainer, "step", _no_training)
+    output = tmp_path / folder / "m.pt"
+    code, err = _run(capsys, "train", image, labels, "-o", output, "--seconds", "60")
+    assert code == 2 and err.count("\n") == 1
+    assert f"cannot write {output}: folder {tmp_path / folder} {reason}" in err
+
+
+def _no_training(self):
+    raise AssertionError("trained before the output folder was checked")
+
+
 def test_predict_never_writes_over_its_inputs(capsys, tmp_path, strokes) -> None:
     image, labels = _training_files(tmp_path, strokes)
     model = tmp_path / "m.pt"

@@ -28,6 +28,7 @@ __all__ = [
     "FORMAT_VERSION",
     "ModelFileError",
     "WriteError",
+    "check_output_folder",
     "classifier_from_dict",
     "classifier_to_dict",
     "frozen_copy",
@@ -126,14 +127,26 @@ def save_classifier(
     return path
 
 
+def check_output_folder(path: Path, writable: bool = True) -> None:
+    """``InputError`` unless the folder ``path`` goes into exists (and is writable).
+
+    Run before long work, so that a typo in an output's folder costs nothing.
+    """
+    folder = path.parent
+    if not folder.is_dir():
+        reason = "is a file" if folder.exists() else "does not exist"
+        raise InputError(f"cannot write {path}: folder {folder} {reason}")
+    if writable and not os.access(folder, os.W_OK):
+        raise InputError(f"cannot write {path}: folder {folder} is not writable")
+
+
 def write_atomically(path: Path, write: Callable[[str], object]) -> None:
     """Call ``write(temporary_path)`` next to ``path``, then rename it to ``path``.
 
     The file gets the permissions a plain write would give it: those of the file it
     replaces, else the umask's (not the owner-only mode of a temporary file).
     """
-    if not path.parent.is_dir():
-        raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
+    check_output_folder(path, writable=False)  # mkstemp's error says why not
     try:
         handle, temporary = tempfile.mkstemp(
             dir=path.parent, prefix=f".{path.name}.", suffix=".part"

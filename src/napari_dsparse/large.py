@@ -26,7 +26,12 @@ import torch
 from torch import nn
 
 from napari_dsparse.data import InputError, Normalization, as_channels_first
-from napari_dsparse.export import WriteError, os_error_message, write_atomically
+from napari_dsparse.export import (
+    WriteError,
+    check_output_folder,
+    os_error_message,
+    write_atomically,
+)
 from napari_dsparse.files import (
     PICTURE_SUFFIXES,
     channel_axis_of,
@@ -414,11 +419,7 @@ def _targets(output: Path, outputs: Outputs) -> dict[str, Path]:
     """:func:`result_paths`, once the folder is checked (before any work is done)."""
     if not output.name.lower().endswith(OUTPUT_SUFFIXES):
         raise InputError(f"output {output} must end with {', '.join(OUTPUT_SUFFIXES)}")
-    folder = output.parent
-    if not folder.is_dir():
-        raise InputError(f"cannot write {output}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"cannot write {output}: folder {folder} is not writable")
+    check_output_folder(output)
     paths = result_paths(output, outputs)
     if not output.name.lower().endswith(".zarr"):
         for path in paths.values():

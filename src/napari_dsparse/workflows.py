@@ -22,7 +22,11 @@ from napari_dsparse.data import (
     class_counts,
     class_id_ranges,
 )
-from napari_dsparse.export import load_classifier, save_classifier
+from napari_dsparse.export import (
+    check_output_folder,
+    load_classifier,
+    save_classifier,
+)
 from napari_dsparse.files import (
     IMAGE_SUFFIXES,
     channel_axis_of,
@@ -122,6 +126,7 @@ def train_from_pairs(
     """
     if not pairs:
         raise InputError("give at least one image and its labels")
+    check_output_folder(Path(output))
     check_not_overwriting([Path(output)], [path for pair in pairs for path in pair])
     check_pairs_distinct((Path(image), Path(labels)) for image, labels in pairs)
     loaded = [_read_pair(image, labels, channel_axis) for image, labels in pairs]
