@@ -311,3 +311,20 @@ def test_corrupt_model_for_predict(files, capsys) -> None:
         capsys, "predict", files / "bad.pt", files / "image.tif", "-o", files / "o.tif"
     )
     assert code == 2 and "corrupt" in err and not (files / "o.tif").exists()
+
+
+def test_a_picture_or_npy_output_is_refused_not_made_a_folder(files, capsys) -> None:
+    argv = ["train", files / "image.tif", files / "labels.npy", "-o", files / "m.pt"]
+    assert run(capsys, *argv, "--steps", "2")[0] == 0
+    for name in ("out.png", "out.NPY", "out.jpg"):
+        code, _, err = run(
+            capsys, "predict", files / "m.pt", files / "image.tif", "-o", files / name
+        )
+        assert code == 2 and "give a .tif, .tiff, .zarr file or a folder" in err
+        assert not (files / name).exists()
+    (files / "old.png").mkdir()  # a folder that happens to have such a name
+    code, _, err = run(
+        capsys, "predict", files / "m.pt", files / "image.tif", "-o", files / "old.png"
+    )
+    assert code == 0, err
+    assert (files / "old.png" / "image.tif").is_file()

@@ -51,6 +51,7 @@ from napari_dsparse.predict import (
 __all__ = [
     "DEFAULT_MEMORY",
     "LAZY_SUFFIXES",
+    "OUTPUT_SUFFIXES",
     "Outputs",
     "TiffRegions",
     "open_lazy",

@@ -38,6 +38,7 @@ from napari_dsparse.files import (
 from napari_dsparse.interrupts import interrupts_between_steps, take_interrupt
 from napari_dsparse.large import (
     DEFAULT_MEMORY,
+    OUTPUT_SUFFIXES,
     Outputs,
     open_lazy,
     predict_file,
@@ -280,9 +281,16 @@ def _output_paths(images: Sequence[str | Path], output: Path) -> list[Path]:
     The folder is not made here (:func:`_make_folder`), so a run refused by a later
     check leaves nothing behind.
     """
-    if len(images) == 1 and output.suffix.lower() in (".tif", ".tiff", ".zarr"):
-        return [output]
-    if output.suffix.lower() in (".tif", ".tiff", ".zarr"):
+    suffix = output.suffix.lower()
+    if suffix in IMAGE_SUFFIXES and suffix not in OUTPUT_SUFFIXES:
+        if not output.is_dir():  # else a folder that happens to have that name
+            raise InputError(
+                f"cannot write results as {suffix}: give a "
+                f"{', '.join(OUTPUT_SUFFIXES)} file or a folder, not {output}"
+            )
+    elif suffix in OUTPUT_SUFFIXES:
+        if len(images) == 1:
+            return [output]
         raise InputError(
             f"{len(images)} images need an output folder, not the file {output}"
         )
