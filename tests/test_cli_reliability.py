@@ -52,7 +52,7 @@ def test_train_to_an_unwritable_path_fails_in_one_line(capsys, tmp_path, strokes
         *("train", tmp_path / "image.npy", strokes),
         *("-o", tmp_path / "taken", "--steps", "2"),
     )
-    assert code == 1 and "error:" in err and err.count("\n") == 1
+    assert code == 2 and "taken is a folder" in err and err.count("\n") == 1
     assert list((tmp_path / "taken").iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "image.npy",
@@ -97,6 +97,29 @@ def test_train_checks_the_models_folder_before_training(
     code, err = _run(capsys, "train", image, labels, "-o", output, "--seconds", "60")
     assert code == 2 and err.count("\n") == 1
     assert f"cannot write {output}: folder {tmp_path / folder} {reason}" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (".", "is a folder; give the model a file name, such as"),
+        (
+            "model.npy",
+            "a model named model.npy would pass for an image; name it model.pt",
+        ),
+        ("model.TIF", "would pass for an image"),
+        ("model.zarr", "would pass for an image"),
+    ],
+)
+def test_train_refuses_a_model_name_it_cannot_or_should_not_write(
+    capsys, tmp_path, strokes, monkeypatch, name, message
+) -> None:
+    image, labels = _training_files(tmp_path, strokes)
+    monkeypatch.setattr(Trainer, "step", _no_training)
+    output = tmp_path / name
+    code, err = _run(capsys, "train", image, labels, "-o", output, "--seconds", "60")
+    assert code == 2 and err.count("\n") == 1 and message in err
+    assert name == "." or not output.exists()
 
 
 def _no_training(self):

@@ -127,8 +127,8 @@ def train_from_pairs(
     """
     if not pairs:
         raise InputError("give at least one image and its labels")
-    check_output_folder(Path(output))
     check_not_overwriting([Path(output)], [path for pair in pairs for path in pair])
+    _check_model_output(Path(output))
     check_pairs_distinct((Path(image), Path(labels)) for image, labels in pairs)
     loaded = [_read_pair(image, labels, channel_axis) for image, labels in pairs]
     num_classes = max(int(labels.max()) for _, labels in loaded)
@@ -185,6 +185,22 @@ def train_from_pairs(
     if stopped:
         raise KeyboardInterrupt
     return classifier
+
+
+def _check_model_output(output: Path) -> None:
+    """``InputError`` before training if the model could not be written to
+    ``output``, or would be taken for an image there (``predict folder/``)."""
+    if output.is_dir():
+        raise InputError(
+            f"{output} is a folder; give the model a file name, such as "
+            f"{output / 'model.pt'}"
+        )
+    if output.name.lower().endswith((*IMAGE_SUFFIXES, *OUTPUT_SUFFIXES)):
+        raise InputError(
+            f"a model named {output.name} would pass for an image; name it "
+            f"{output.with_suffix('.pt').name}"
+        )
+    check_output_folder(output)
 
 
 def _read_pair(
