@@ -129,3 +129,5 @@ def test_the_exported_module_tiles_exactly_with_the_declared_halo(
 def test_package_name_must_end_in_zip(classifier, tmp_path) -> None:
     with pytest.raises(InputError, match=r"ends in \.zip"):
         export_bioimageio(classifier, tmp_path / "model.bioimage")
+    with pytest.raises(InputError, match=r"ends in \.zip, not \.$"):  # not ''
+        export_bioimageio(classifier, ".")

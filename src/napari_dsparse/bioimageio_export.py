@@ -89,7 +89,7 @@ def export_bioimageio(
     """
     output = Path(output)
     if output.suffix.lower() != ".zip":
-        raise InputError(f"a bioimage.io package ends in .zip, not {output.name}")
+        raise InputError(f"a bioimage.io package ends in .zip, not {output}")
     classifier = model if isinstance(model, Classifier) else load_classifier(model)
     classifier = classifier.to("cpu")
     try:
