@@ -13,6 +13,7 @@ from PIL import Image
 from napari_dsparse.cli import main
 from napari_dsparse.export import load_classifier
 from napari_dsparse.samples import coins_sample
+from napari_dsparse.train import TrainConfig, Trainer
 
 
 @pytest.fixture
@@ -116,6 +117,26 @@ def test_train_reports_the_class_shares_and_takes_a_prior_strength(
             + ["-o", str(files / "c.pt"), "--prior-strength", "2"]
         )
     assert "must be between 0 and 1, got 2" in capsys.readouterr().err
+
+
+def test_train_takes_a_focal_gamma(files, capsys, monkeypatch) -> None:
+    gammas = []
+    step = Trainer.step
+
+    def recording_step(self):
+        gammas.append(self.config.focal_gamma)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "step", recording_step)
+    argv = ["train", files / "image.tif", files / "labels.npy", "--steps", "2"]
+    assert run(capsys, *argv, "-o", files / "a.pt")[0] == 0
+    assert run(capsys, *argv, "-o", files / "b.pt", "--focal-gamma", "0")[0] == 0
+    assert gammas == [TrainConfig.focal_gamma] * 2 + [0.0] * 2
+    with pytest.raises(SystemExit):
+        main(
+            [str(a) for a in argv] + ["-o", str(files / "c.pt"), "--focal-gamma", ".5"]
+        )
+    assert "must be 0 or between 1 and 10, got .5" in capsys.readouterr().err
 
 
 def test_classes_without_strokes_are_named_and_left_out_of_the_counts(

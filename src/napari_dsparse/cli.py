@@ -43,6 +43,7 @@ def _run_train(args: argparse.Namespace) -> int:
         report=say,
         normalization=args.normalization.replace("-", "_"),
         prior_strength=args.prior_strength,
+        focal_gamma=args.focal_gamma,
     )
     return 0
 
@@ -200,6 +201,14 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="0-1: how far predictions move from the painted class shares to those "
         "estimated in the images; 0 keeps the painted ones (default %(default)s)",
     )
+    train.add_argument(
+        "--focal-gamma",
+        type=_focal_gamma,
+        default=TrainConfig.focal_gamma,
+        metavar="G",
+        help="0 or 1-10: focusing of the loss on the painted pixels the model gets "
+        "wrong; 0 is the plain cross-entropy (default %(default)s)",
+    )
     _add_channel_axis(train)
     train.set_defaults(func=_run_train)
 
@@ -235,6 +244,16 @@ def _seed(text: str) -> int:
         ) from None
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be from 0 to 4294967295, got {text}")
+    return value
+
+
+def _focal_gamma(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value == 0 or 1 <= value <= 10):
+        raise argparse.ArgumentTypeError(f"must be 0 or between 1 and 10, got {text}")
     return value
 
 

@@ -115,13 +115,14 @@ def train_from_pairs(
     report: Report = _silent,
     normalization: NormalizationPolicy = "per_image",
     prior_strength: float = TrainConfig.prior_strength,
+    focal_gamma: float = TrainConfig.focal_gamma,
 ) -> Classifier:
     """Train one model on several ``(image, labels)`` files; write it to ``output``.
 
     Images may differ in size but must have the same channels. ``normalization``
     is ``"per_image"`` (each image by its own percentiles, also at prediction) or
     ``"fixed"`` (the percentiles of all training images pooled, for every image).
-    ``prior_strength`` is ``TrainConfig.prior_strength``. A Ctrl-C in the main
+    ``prior_strength`` and ``focal_gamma`` are ``TrainConfig``'s. A Ctrl-C in the main
     thread stops training after the step under way; the model trained so far is
     written, then ``KeyboardInterrupt`` is raised.
     """
@@ -169,7 +170,9 @@ def train_from_pairs(
             f"no strokes of class {class_id_ranges(unpainted)}: the model keeps "
             f"classes 1..{num_classes} but has nothing to learn those from"
         )
-    config = TrainConfig(seed=seed, prior_strength=prior_strength)
+    config = TrainConfig(
+        seed=seed, prior_strength=prior_strength, focal_gamma=focal_gamma
+    )
     trainer = Trainer.from_set(classifier, training_set, config)
     stopped = _drive(iter_train(trainer, steps=steps, seconds=seconds), report)
     if stopped:
