@@ -79,8 +79,8 @@ class TrainConfig:
     # keep away from class edges, so the edge lies in a band no painted pixel
     # covers; down-weighting the pixels the network already gets right puts it
     # between the classes' nearest painted pixels rather than where most painted
-    # pixels push it. 2 lifted membranes, coins, blobs and the texture mosaic
-    # (docs/benchmarks.md).
+    # pixels push it. 2 lifted membranes, coins, blobs and the texture mosaic and
+    # cost IHC a little (docs/benchmarks.md).
     focal_gamma: float = 2.0
     seed: int = 0
 
@@ -582,7 +582,8 @@ def _focal_cross_entropy(
     log_p = -F.cross_entropy(logits, classes, reduction="none")
     if focal_gamma == 0:
         return -log_p
-    return -((-torch.expm1(log_p)) ** focal_gamma) * log_p
+    one_minus_p = (-torch.expm1(log_p)).clamp(min=0)  # never below 0 by rounding
+    return -(one_minus_p**focal_gamma) * log_p
 
 
 def iter_train(
