@@ -130,7 +130,9 @@ def test_update_once_trains_briefly_and_stops(make_napari_viewer, qtbot) -> None
     assert widget._session.trainer.steps_done > 0
 
 
-def test_export_then_apply_to_another_layer(trained_viewer, qtbot, tmp_path) -> None:
+def test_export_then_apply_to_another_layer(
+    trained_viewer, qtbot, tmp_path, apply_and_wait
+) -> None:
     viewer, widget, scribbles = trained_viewer
     widget.export_model(tmp_path / "model.pt")
     colors = load_classifier(tmp_path / "model.pt").colors()  # the painted colours
@@ -138,8 +140,7 @@ def test_export_then_apply_to_another_layer(trained_viewer, qtbot, tmp_path) -> 
         colors, scribbles.colormap.map(np.arange(1, len(colors) + 1)), atol=1e-6
     )
     other = viewer.add_image(_disc_image(64), name="other")
-    with qtbot.waitSignal(widget.apply_to_layer(other).finished, timeout=20_000):
-        pass
+    apply_and_wait(widget, other, timeout=20_000)
     result = viewer.layers["other prediction"].data
     assert result.shape == (64, 64) and set(np.unique(result)) <= {1, 2, 3}
 
@@ -171,7 +172,7 @@ def test_a_model_exported_while_training_is_one_steps_model(
 
 
 def test_apply_while_training_predicts_every_tile_with_one_model(
-    trained_viewer, qtbot, monkeypatch
+    trained_viewer, qtbot, monkeypatch, apply_and_wait
 ) -> None:
     viewer, widget, _ = trained_viewer
     copies = []
@@ -183,8 +184,7 @@ def test_apply_while_training_predicts_every_tile_with_one_model(
     monkeypatch.setattr(widget_module, "frozen_copy", recording)
     assert widget.training
     other = viewer.add_image(_disc_image(64), name="other")
-    with qtbot.waitSignal(widget.apply_to_layer(other).finished, timeout=20_000):
-        pass
+    apply_and_wait(widget, other, timeout=20_000)
     assert len(copies) == 1  # the live model was not used
     assert widget.training
     image = as_channels_first(other.data)
@@ -248,7 +248,7 @@ def test_the_layer_the_user_selects_stays_selected(trained_viewer, qtbot) -> Non
     ids=["rgb", "multichannel"],
 )
 def test_rgb_and_multichannel_layers_train(
-    make_napari_viewer, qtbot, make_image, rgb, channels
+    make_napari_viewer, qtbot, make_image, rgb, channels, apply_and_wait
 ) -> None:
     viewer = make_napari_viewer()
     viewer.add_image(make_image(_disc_image(64)), name="multi", rgb=rgb)
@@ -266,7 +266,6 @@ def test_rgb_and_multichannel_layers_train(
     assert viewer.layers["multi prediction"].data.min() >= 1
     if not rgb:  # the model meets a (C, Z, Y, X) stack of the same channels
         stack = viewer.add_image(np.stack([make_image(_disc_image(64))] * 3, axis=1))
-        with qtbot.waitSignal(widget.apply_to_layer(stack).finished, timeout=20_000):
-            pass
+        apply_and_wait(widget, stack, timeout=20_000)
         result = viewer.layers[f"{stack.name} prediction"].data
         assert result.shape == (3, 64, 64) and result.min() >= 1

@@ -343,13 +343,12 @@ def test_autosave_writes_the_session_file(
 
 
 def test_out_of_memory_while_applying_uses_smaller_tiles(
-    make_napari_viewer, qtbot, shown, monkeypatch
+    make_napari_viewer, qtbot, shown, monkeypatch, apply_and_wait
 ) -> None:
     viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image())
     _train_briefly(widget, qtbot)
     other = viewer.add_image(_disc_image(80), name="other")
-    with qtbot.waitSignal(widget.apply_to_layer(other).finished, timeout=30_000):
-        pass
+    apply_and_wait(widget, other, timeout=30_000)
     expected = viewer.layers["other prediction"].data.copy()
     viewer.layers.remove("other prediction")
     original = faults.predict_box
@@ -360,8 +359,7 @@ def test_out_of_memory_while_applying_uses_smaller_tiles(
         return original(classifier, image, box, normalization)
 
     monkeypatch.setattr(faults, "predict_box", small_tiles_only)
-    with qtbot.waitSignal(widget.apply_to_layer(other).finished, timeout=30_000):
-        pass
+    apply_and_wait(widget, other, timeout=30_000)
     np.testing.assert_array_equal(viewer.layers["other prediction"].data, expected)
     assert (
         shown.count(("warning", "out of GPU memory: predicting in smaller tiles")) == 1
