@@ -23,6 +23,7 @@ checkpoint and for the forest fitted on the same painted pixels.
     .venv/bin/python benchmarks/bench_quality.py --seed 0 1 2   # 3 x, + a summary
     .venv/bin/python benchmarks/bench_quality.py --lr-half-life 0   # constant rate
     .venv/bin/python benchmarks/bench_quality.py --prior-strength 0  # painted prior
+    .venv/bin/python benchmarks/bench_quality.py --focal-gamma 0  # plain CE
 
 Several seeds draw other scribbles (and other network and forest seeds): one table
 per seed, then how often and by how much ours leads at 30 s and after corrections.

@@ -14,6 +14,7 @@ milliseconds per step.
     .venv/bin/python benchmarks/bench_training.py --steps 3000 9000 --lr-half-life 0
     .venv/bin/python benchmarks/bench_training.py --tasks ihc-rgb --no-invariants
     .venv/bin/python benchmarks/bench_training.py --tasks coins --mix 0  # no CutMix
+    .venv/bin/python benchmarks/bench_training.py --focal-gamma 0  # plain CE
 """
 
 from __future__ import annotations
