@@ -213,11 +213,11 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_run_train)
 
 
-def _positive(
-    kind: type[int] | type[float], finite: bool = False
+def _number(
+    kind: type[int] | type[float], valid: Callable[[float], bool], bound: str
 ) -> Callable[[str], int | float]:
-    """An argparse type: a number of ``kind`` above 0 (floats: ``inf`` unless
-    ``finite``)."""
+    """An argparse type: a number of ``kind`` for which ``valid`` holds; else the
+    error says it "must be ``bound``"."""
 
     def parse(text: str) -> int | float:
         try:
@@ -226,45 +226,25 @@ def _positive(
             raise argparse.ArgumentTypeError(
                 f"expected a {'whole ' * (kind is int)}number, got {text!r}"
             ) from None
-        if not value > 0 or (finite and value == math.inf):  # also refuses nan
-            bound = "a finite number above 0" if finite else "above 0"
+        if not valid(value):  # nan fails every bound below
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
     return parse
 
 
-def _seed(text: str) -> int:
-    """An argparse type: a seed that NumPy and PyTorch both take."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number, got {text!r}"
-        ) from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 4294967295, got {text}")
-    return value
+def _positive(
+    kind: type[int] | type[float], finite: bool = False
+) -> Callable[[str], int | float]:
+    """A number of ``kind`` above 0 (floats: ``inf`` unless ``finite``)."""
+    if finite:
+        return _number(kind, lambda v: 0 < v < math.inf, "a finite number above 0")
+    return _number(kind, lambda v: v > 0, "above 0")
 
 
-def _focal_gamma(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value == 0 or 1 <= value <= 10):
-        raise argparse.ArgumentTypeError(f"must be 0 or between 1 and 10, got {text}")
-    return value
-
-
-def _prior_strength(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+_seed = _number(int, lambda v: 0 <= v < 2**32, "from 0 to 4294967295")  # NumPy, torch
+_prior_strength = _number(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+_focal_gamma = _number(float, lambda v: v == 0 or 1 <= v <= 10, "0 or between 1 and 10")
 
 
 def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
