@@ -184,7 +184,6 @@ class DsparseWidget(Container):
         self._mailbox = Mailbox()
         self._worker: GeneratorWorker | None = None
         self._worker_started = False
-        self._outputs: dict[str, Layer] = {}  # output layers made, by their first name
         # The worker advances its generator holding this lock, and never again once
         # the event is set: see _halted.
         self._step_lock = threading.Lock()
@@ -674,7 +673,6 @@ class DsparseWidget(Container):
             )
             if scribbles is not None:
                 prediction.colormap = scribbles.colormap
-            self._outputs[name] = prediction
         if uncertainty is None:
             uncertainty = self._viewer.add_image(
                 np.zeros(shape, np.float32),
@@ -685,7 +683,6 @@ class DsparseWidget(Container):
                 metadata={OUTPUT_MARK: True},
                 **geometry,
             )
-            self._outputs[uname] = uncertainty
         if scribbles is not None and scribbles in self._viewer.layers:
             self._keep_painting_on(scribbles, (uncertainty, prediction))
         return prediction, uncertainty
@@ -694,22 +691,23 @@ class DsparseWidget(Container):
         """The output layer ``name`` this widget made, if still in the viewer; its
         data become zeros of ``shape`` and ``dtype`` if it has another shape or a
         type that cannot hold ``dtype``'s values."""
-        layer = self._outputs.get(name)
-        if layer is None or layer not in self._viewer.layers:
-            layer = next(
-                (
-                    each
-                    for each in self._viewer.layers
-                    if each.name == name and each.metadata.get(OUTPUT_MARK)
-                ),
-                None,
-            )
+        layer = self._marked_output(name)
         if layer is None:
             return None
         if layer.data.shape != shape or not np.can_cast(dtype, layer.data.dtype):
             layer.data = np.zeros(shape, dtype)  # the image got another size
-        self._outputs[name] = layer
         return layer
+
+    def _marked_output(self, name: str) -> Layer | None:
+        """The viewer's layer ``name`` if this widget made it (``OUTPUT_MARK``)."""
+        return next(
+            (
+                layer
+                for layer in self._viewer.layers
+                if layer.name == name and layer.metadata.get(OUTPUT_MARK)
+            ),
+            None,
+        )
 
     def _keep_painting_on(self, scribbles: napari.layers.Labels, outputs) -> None:
         """Put output layers under the scribbles and keep the scribbles selected."""
@@ -733,8 +731,8 @@ class DsparseWidget(Container):
             return
         image = self._session_image.name
         for suffix in (PREDICTION_SUFFIX, UNCERTAINTY_SUFFIX):
-            layer = self._outputs.get(f"{image}{suffix}")
-            if layer is not None and layer in self._viewer.layers:
+            layer = self._marked_output(f"{image}{suffix}")
+            if layer is not None:
                 layer.refresh()
 
     # -- layer and setting changes ----------------------------------------------
