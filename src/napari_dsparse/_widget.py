@@ -34,7 +34,7 @@ from qtpy.QtWidgets import QFileDialog
 
 from napari_dsparse.data import MAX_CLASSES, InputError, as_planes
 from napari_dsparse.export import frozen_copy, load_classifier, save_classifier
-from napari_dsparse.faults import predict_fitting
+from napari_dsparse.faults import Checkpoint, predict_fitting
 from napari_dsparse.live import (
     LiveSession,
     Mailbox,
@@ -458,6 +458,15 @@ class DsparseWidget(Container):
         with self._step_lock:
             yield
 
+    @contextlib.contextmanager
+    def _between_steps(self) -> Iterator[Checkpoint | None]:
+        """Hold the worker between two steps (no class added meanwhile); yields the
+        last round's checkpoint while a worker trains, whose live weights change,
+        else ``None`` (the live weights are the model)."""
+        with self._step_lock:
+            session = self._session
+            yield session.last_good if session and self._worker_running else None
+
     def _on_destroyed(self, *_args) -> None:
         self._alive = False
         self._autosave_timer.stop()
@@ -803,10 +812,8 @@ class DsparseWidget(Container):
             colors = self._watched.colormap.map(np.arange(1, count + 1))
             self._session.classifier.class_colors = tuple(map(tuple, colors.tolist()))
         try:
-            with self._step_lock:  # between two steps (no class added meanwhile)
-                # while training, the last round's weights: the live ones change
-                snapshot = self._session.last_good if self._worker_running else None
-                save_classifier(self._session.classifier, path, snapshot)
+            with self._between_steps() as checkpoint:
+                save_classifier(self._session.classifier, path, checkpoint)
         except (InputError, OSError) as error:
             show_error(f"Export failed: {error}")
             return
@@ -966,8 +973,7 @@ class DsparseWidget(Container):
                 name: (self._pair_arrays[name].shape, np.asarray(layer.data))
                 for name, (_image, layer) in self._pairs.items()
             }
-            with self._step_lock:  # between two steps (no class added meanwhile)
-                checkpoint = session.last_good if self._worker_running else None
+            with self._between_steps() as checkpoint:
                 save_session(
                     path,
                     session,
