@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from napari_dsparse import workflows
 from napari_dsparse.cli import main
 from napari_dsparse.train import Trainer, TrainingDiverged
 
@@ -142,6 +143,28 @@ def test_predict_never_writes_over_its_inputs(capsys, tmp_path, strokes) -> None
         code, err = _run(capsys, "predict", model, *argv, "-q")
         assert code == 2 and "would overwrite the input" in err, argv
     assert {path: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("folder", "reason"), [("missing", "does not exist"), ("a file", "is a file")]
+)
+def test_predict_checks_the_results_folder_before_loading_the_model(
+    capsys, tmp_path, strokes, monkeypatch, folder, reason
+) -> None:
+    image, labels = _training_files(tmp_path, strokes)
+    model = tmp_path / "m.pt"
+    assert _run(capsys, "train", image, labels, "-o", model, "--steps", "2")[0] == 0
+    (tmp_path / "a file").write_text("not a folder")
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("loaded the model before the output folder was checked")
+
+    monkeypatch.setattr(workflows, "load_classifier", no_loading)
+    output = tmp_path / folder / "a.tif"
+    code, err = _run(capsys, "predict", model, image, "-o", output, "-q")
+    assert code == 2 and err.count("\n") == 1
+    assert f"cannot write {output}: folder {tmp_path / folder} {reason}" in err
+    assert not (tmp_path / "missing").exists()
 
 
 def test_divergence_is_one_line_and_writes_no_model(

@@ -419,7 +419,6 @@ def predict_many(
     in the summary's ``failed``; the others go on.
     """
     start = time.perf_counter()
-    classifier = load_classifier(model_path, _device(device))
     images = expand_images(sources)
     targets = _output_paths(images, Path(output))
     outputs = Outputs(probabilities=probabilities, uncertainty=uncertainty)
@@ -428,7 +427,11 @@ def predict_many(
     ]
     check_not_overwriting(results, [Path(model_path), *images])
     _check_distinct(results)
-    if targets != [Path(output)]:  # one result per image, in the folder ``output``
+    one_file = targets == [Path(output)]  # else one result per image in ``output``
+    if one_file:
+        check_output_folder(Path(output))  # before the model is loaded
+    classifier = load_classifier(model_path, _device(device))
+    if not one_file:
         _make_folder(Path(output))
     summary = PredictSummary()
     bar = tqdm(
