@@ -131,3 +131,17 @@ def test_package_name_must_end_in_zip(classifier, tmp_path) -> None:
         export_bioimageio(classifier, tmp_path / "model.bioimage")
     with pytest.raises(InputError, match=r"ends in \.zip, not \.$"):  # not ''
         export_bioimageio(classifier, ".")
+
+
+def test_the_packages_folder_is_checked_before_the_model_is_read(
+    classifier, tmp_path, monkeypatch
+) -> None:
+    from napari_dsparse import bioimageio_export
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("read the model before the output folder was checked")
+
+    monkeypatch.setattr(bioimageio_export, "load_classifier", no_loading)
+    output = tmp_path / "missing" / "model.zip"
+    with pytest.raises(InputError, match="folder .*missing does not exist"):
+        export_bioimageio(tmp_path / "model.pt", output)

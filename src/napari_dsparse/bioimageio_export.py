@@ -29,7 +29,11 @@ from torch import nn
 
 from napari_dsparse import __version__
 from napari_dsparse.data import InputError
-from napari_dsparse.export import load_classifier, write_atomically
+from napari_dsparse.export import (
+    check_output_folder,
+    load_classifier,
+    write_atomically,
+)
 from napari_dsparse.model import Classifier
 from napari_dsparse.sparse import DenseNet
 
@@ -90,6 +94,7 @@ def export_bioimageio(
     output = Path(output)
     if output.suffix.lower() != ".zip":
         raise InputError(f"a bioimage.io package ends in .zip, not {output}")
+    check_output_folder(output)  # before the model is read and the package built
     classifier = model if isinstance(model, Classifier) else load_classifier(model)
     classifier = classifier.to("cpu")
     try:
