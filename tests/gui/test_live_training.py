@@ -118,13 +118,13 @@ def test_closing_the_viewer_stops_the_worker(make_napari_viewer, qtbot) -> None:
     qtbot.waitUntil(lambda: not worker.is_running, timeout=3_000)
 
 
-def test_update_once_trains_briefly_and_stops(make_napari_viewer, qtbot) -> None:
+def test_update_once_trains_briefly_and_stops(
+    make_napari_viewer, qtbot, update_once_and_wait
+) -> None:
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "coins")
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
-    widget.update_button.clicked.emit()
-    with qtbot.waitSignal(widget._worker.finished, timeout=30_000):
-        pass
+    update_once_and_wait(widget)
     prediction = viewer.layers["coins prediction"].data
     assert prediction.min() >= 1 and prediction.max() <= 2  # every tile predicted
     assert widget._session.trainer.steps_done > 0
@@ -248,7 +248,13 @@ def test_the_layer_the_user_selects_stays_selected(trained_viewer, qtbot) -> Non
     ids=["rgb", "multichannel"],
 )
 def test_rgb_and_multichannel_layers_train(
-    make_napari_viewer, qtbot, make_image, rgb, channels, apply_and_wait
+    make_napari_viewer,
+    qtbot,
+    make_image,
+    rgb,
+    channels,
+    apply_and_wait,
+    update_once_and_wait,
 ) -> None:
     viewer = make_napari_viewer()
     viewer.add_image(make_image(_disc_image(64)), name="multi", rgb=rgb)
@@ -258,9 +264,7 @@ def test_rgb_and_multichannel_layers_train(
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
     widget.image_picker.value = viewer.layers["multi"]
     widget.scribble_picker.value = scribbles
-    widget.update_button.clicked.emit()
-    with qtbot.waitSignal(widget._worker.finished, timeout=30_000):
-        pass
+    update_once_and_wait(widget)
     assert widget._session.image.shape == (channels, 1, 64, 64)
     assert viewer.layers["multi prediction"].data.shape == (64, 64)
     assert viewer.layers["multi prediction"].data.min() >= 1

@@ -54,12 +54,6 @@ def _viewer_with(make_napari_viewer, image, scribbles=None, **image_kwargs):
     return viewer, widget, labels
 
 
-def _train_briefly(widget, qtbot) -> None:
-    widget.update_button.clicked.emit()
-    with qtbot.waitSignal(widget._worker.finished, timeout=60_000):
-        pass
-
-
 @pytest.mark.parametrize(
     ("image", "scribbles", "message"),
     [
@@ -120,13 +114,15 @@ def test_class_ids_above_255_are_shown_as_themselves(make_napari_viewer, qtbot):
     assert set(np.unique(prediction.data)) <= {1, 300}
 
 
-def test_a_time_series_trains_per_time_point(make_napari_viewer, qtbot) -> None:
+def test_a_time_series_trains_per_time_point(
+    make_napari_viewer, qtbot, update_once_and_wait
+) -> None:
     series = np.stack([_disc_image(48), _disc_image(48)[::-1]])[:, None]  # (T, Z, ..)
     strokes = np.zeros(series.shape, np.uint8)
     strokes[1, 0] = _strokes((48, 48))
     viewer, widget, _ = _viewer_with(make_napari_viewer, series, strokes)
     viewer.dims.set_current_step(0, 1)
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     assert widget._session.image.shape == (1, 2, 48, 48)
     prediction = viewer.layers["img prediction"].data
     assert prediction.shape == series.shape
@@ -135,7 +131,7 @@ def test_a_time_series_trains_per_time_point(make_napari_viewer, qtbot) -> None:
 
 @pytest.mark.parametrize("backend", ["dask", "zarr"])
 def test_dask_and_zarr_backed_layers_train_lazily(
-    make_napari_viewer, qtbot, backend
+    make_napari_viewer, qtbot, backend, update_once_and_wait
 ) -> None:
     da = pytest.importorskip("dask.array")
     if backend == "zarr":
@@ -147,16 +143,16 @@ def test_dask_and_zarr_backed_layers_train_lazily(
     else:
         lazy = da.from_array(_disc_image(), chunks=32)
     _viewer, widget, _ = _viewer_with(make_napari_viewer, lazy)
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     assert isinstance(widget._session.image, da.Array)
     assert widget._session.trainer.steps_done > 0
 
 
 def test_a_grayscale_model_refuses_an_rgb_layer(
-    make_napari_viewer, qtbot, shown, tmp_path
+    make_napari_viewer, qtbot, shown, tmp_path, update_once_and_wait
 ) -> None:
     viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image())
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     widget.export_model(tmp_path / "gray.pt")
     rgb = viewer.add_image(np.stack([_disc_image()] * 3, -1), name="rgb", rgb=True)
     assert widget.apply_to_layer(rgb) is None
@@ -167,10 +163,10 @@ def test_a_grayscale_model_refuses_an_rgb_layer(
 
 
 def test_export_to_an_unwritable_path_is_notified(
-    make_napari_viewer, qtbot, shown, tmp_path
+    make_napari_viewer, qtbot, shown, tmp_path, update_once_and_wait
 ) -> None:
     _viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image())
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     widget.export_model(tmp_path / "missing" / "model.pt")
     (tmp_path / "folder.pt").mkdir()
     widget.export_model(tmp_path / "folder.pt")  # a folder in the way
@@ -180,14 +176,14 @@ def test_export_to_an_unwritable_path_is_notified(
 
 
 def test_divergence_pauses_with_a_warning_and_rolls_back(
-    make_napari_viewer, qtbot, shown
+    make_napari_viewer, qtbot, shown, update_once_and_wait
 ) -> None:
     _viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image())
     # `fast` turns NaN on its first step at this rate; `pixel` can fit the two
     # strokes with huge but finite weights for a round or more, which is no
     # divergence, so when it would pause is up to chance.
     widget.preset.value = "fast"
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     assert widget._session.classifier.preset.name == "fast"
     good = widget._session.last_good
     widget.learning_rate.max = 1e12
@@ -202,7 +198,7 @@ def test_divergence_pauses_with_a_warning_and_rolls_back(
 
 
 def test_an_error_in_the_worker_is_shown_and_train_works_again(
-    make_napari_viewer, qtbot, shown, monkeypatch
+    make_napari_viewer, qtbot, shown, monkeypatch, update_once_and_wait
 ) -> None:
     _viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image())
     original = LiveSession.predict
@@ -216,7 +212,7 @@ def test_an_error_in_the_worker_is_shown_and_train_works_again(
     assert widget.train_button.text == "Train"
     monkeypatch.setattr(LiveSession, "predict", original)
     qtbot.waitUntil(lambda: not widget._worker.is_running, timeout=5_000)
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     assert widget.status.value.startswith("step")  # trained, not "Stopped: ..."
     assert widget._viewer.layers["img prediction"].data.min() >= 1
 
@@ -236,7 +232,7 @@ def test_removing_the_image_during_training_stops_cleanly(
 
 
 def test_replacing_the_image_pixels_pauses_then_trains_on_them(
-    make_napari_viewer, qtbot, shown
+    make_napari_viewer, qtbot, shown, update_once_and_wait
 ) -> None:
     viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image())
     widget.train_button.clicked.emit()
@@ -245,7 +241,7 @@ def test_replacing_the_image_pixels_pauses_then_trains_on_them(
     viewer.layers["img"].data = 1 - _disc_image()
     qtbot.waitUntil(lambda: not widget._worker.is_running, timeout=3_000)
     assert "replaced" in widget.status.value
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     assert widget._session.classifier is classifier  # the model was kept
     np.testing.assert_array_equal(widget._session.image[0, 0], 1 - _disc_image())
     assert ("info", "Training goes on with the new pixels and the same model.") in (
@@ -254,13 +250,15 @@ def test_replacing_the_image_pixels_pauses_then_trains_on_them(
 
 
 def test_an_image_of_another_size_gets_output_layers_of_its_size(
-    make_napari_viewer, qtbot, shown
+    make_napari_viewer, qtbot, shown, update_once_and_wait
 ) -> None:
     viewer, widget, scribbles = _viewer_with(make_napari_viewer, _disc_image())
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     viewer.layers["img"].data = _disc_image(96)
     scribbles.data = _strokes((96, 96))
-    _train_briefly(widget, qtbot)  # fails on an exception in the update slot
+    update_once_and_wait(
+        widget, timeout=60_000
+    )  # fails on an exception in the update slot
     prediction = viewer.layers["img prediction"]
     assert prediction.data.shape == viewer.layers["img uncertainty"].data.shape
     assert prediction.data.shape == (96, 96) and prediction.data.min() >= 1
@@ -268,11 +266,11 @@ def test_an_image_of_another_size_gets_output_layers_of_its_size(
 
 
 def test_a_user_layer_named_like_an_output_is_never_written(
-    make_napari_viewer, qtbot
+    make_napari_viewer, qtbot, update_once_and_wait
 ) -> None:
     viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image())
     theirs = viewer.add_labels(np.full((64, 64), 7, np.uint8), name="img prediction")
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     assert (theirs.data == 7).all()
     ours = [
         layer
@@ -283,7 +281,7 @@ def test_a_user_layer_named_like_an_output_is_never_written(
 
 
 def test_a_session_saved_in_the_widget_restores_into_a_new_layer(
-    make_napari_viewer, qtbot, shown, tmp_path
+    make_napari_viewer, qtbot, shown, tmp_path, update_once_and_wait
 ) -> None:
     viewer, widget, scribbles = _viewer_with(make_napari_viewer, _disc_image())
     widget.class_names.value = "outside, disc"
@@ -310,28 +308,28 @@ def test_a_session_saved_in_the_widget_restores_into_a_new_layer(
     assert widget.prior_strength.value == pytest.approx(0.3)
     assert widget._session.config.prior_strength == pytest.approx(0.3)
     assert widget._session.trainer.steps_done == saved_steps["steps"]
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     assert widget._session.trainer.steps_done > saved_steps["steps"]
 
 
 def test_the_class_prior_control_reaches_the_training(
-    make_napari_viewer, qtbot, shown
+    make_napari_viewer, qtbot, shown, update_once_and_wait
 ) -> None:
     _viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image())
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     prior = widget._session.classifier.class_prior()
     assert prior.log_ratio.any()  # the default strength, 0.5
     widget.prior_strength.value = 0.0
     assert widget._session.trainer.config.prior_strength == 0.0
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     assert not prior.log_ratio.any()
 
 
 def test_autosave_writes_the_session_file(
-    make_napari_viewer, qtbot, shown, tmp_path
+    make_napari_viewer, qtbot, shown, tmp_path, update_once_and_wait
 ) -> None:
     _viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image())
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     widget.autosave_minutes.value = 5
     assert widget._autosave_timer.isActive()
     assert widget._autosave_timer.interval() == 5 * 60_000
@@ -343,10 +341,10 @@ def test_autosave_writes_the_session_file(
 
 
 def test_out_of_memory_while_applying_uses_smaller_tiles(
-    make_napari_viewer, qtbot, shown, monkeypatch, apply_and_wait
+    make_napari_viewer, qtbot, shown, monkeypatch, apply_and_wait, update_once_and_wait
 ) -> None:
     viewer, widget, _ = _viewer_with(make_napari_viewer, _disc_image())
-    _train_briefly(widget, qtbot)
+    update_once_and_wait(widget, timeout=60_000)
     other = viewer.add_image(_disc_image(80), name="other")
     apply_and_wait(widget, other, timeout=30_000)
     expected = viewer.layers["other prediction"].data.copy()

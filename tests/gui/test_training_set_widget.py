@@ -91,17 +91,15 @@ def test_live_training_uses_every_pair_and_shows_the_image_in_view(
     qtbot.waitUntil(lambda: not widget._worker.is_running, timeout=5_000)
 
 
-def test_switching_the_image_keeps_the_model(two_images, qtbot) -> None:
+def test_switching_the_image_keeps_the_model(
+    two_images, qtbot, update_once_and_wait
+) -> None:
     viewer, widget, left, _right = two_images
-    widget.update_button.clicked.emit()
-    with qtbot.waitSignal(widget._worker.finished, timeout=30_000):
-        pass
+    update_once_and_wait(widget)
     classifier = widget._session.classifier
     widget.image_picker.value = viewer.layers["left"]
     widget.scribble_picker.value = left
-    widget.update_button.clicked.emit()
-    with qtbot.waitSignal(widget._worker.finished, timeout=30_000):
-        pass
+    update_once_and_wait(widget)
     assert widget._session.classifier is classifier
     assert widget._session.name == "left"
     assert "left prediction" in viewer.layers
@@ -120,11 +118,11 @@ def test_a_time_series_lists_its_painted_time_points(make_napari_viewer) -> None
     assert np.shares_memory(widget._pair_arrays["series"], layer.data)  # no copy
 
 
-def test_a_saved_session_restores_the_training_set(two_images, qtbot, tmp_path) -> None:
+def test_a_saved_session_restores_the_training_set(
+    two_images, qtbot, tmp_path, update_once_and_wait
+) -> None:
     viewer, widget, left, _right = two_images
-    widget.update_button.clicked.emit()  # "right" in view; both pairs in the set
-    with qtbot.waitSignal(widget._worker.finished, timeout=30_000):
-        pass
+    update_once_and_wait(widget)  # "right" in view; both pairs in the set
     assert widget.save_session_to(tmp_path / "s.pt")
     left_strokes = left.data.copy()
     widget.remove_pair("left")
