@@ -143,5 +143,5 @@ def test_the_packages_folder_is_checked_before_the_model_is_read(
 
     monkeypatch.setattr(bioimageio_export, "load_classifier", no_loading)
     output = tmp_path / "missing" / "model.zip"
-    with pytest.raises(InputError, match="folder .*missing does not exist"):
+    with pytest.raises(InputError, match=r"folder .*missing does not exist"):
         export_bioimageio(tmp_path / "model.pt", output)
