@@ -379,6 +379,20 @@ def test_planes_that_may_be_channels_get_a_hint(make_classifier, rng, tmp_path) 
     assert tifffile.imread(tmp_path / "out.tif").shape == (20, 20)
 
 
+def test_a_last_axis_that_may_be_channels_gets_a_hint(
+    make_classifier, rng, tmp_path
+) -> None:
+    pixels = rng.integers(0, 255, (20, 20, 2), dtype=np.uint8)  # napari: 20 planes
+    np.save(tmp_path / "two.npy", pixels)
+    two_channels = make_classifier(as_channels_first(pixels, channel_axis=-1))
+    with pytest.raises(InputError, match=r"last axis \(2 entries\).*--channel-axis -1"):
+        predict_file(two_channels, tmp_path / "two.npy", tmp_path / "out.tif")
+    predict_file(
+        two_channels, tmp_path / "two.npy", tmp_path / "out.tif", channel_axis=-1
+    )
+    assert tifffile.imread(tmp_path / "out.tif").shape == (20, 20)
+
+
 def test_a_grayscale_model_gives_no_channel_hint(classifier, tmp_path) -> None:
     np.save(tmp_path / "empty.npy", np.zeros((0, 5), np.float32))
     with pytest.raises(InputError, match=r"0 x 5 pixels: it has no pixels") as error:

@@ -239,17 +239,33 @@ def tile_for_memory(classifier: Classifier, memory: int) -> int:
 def _check_channels(
     classifier: Classifier, image: da.Array, channel_axis: int | None
 ) -> None:
-    """:func:`_check_compatible`, hinting at ``--channel-axis 0`` where it fits."""
+    """:func:`_check_compatible`, hinting at ``--channel-axis`` where it fits."""
     try:
         _check_compatible(classifier, image)
     except InputError as error:
-        channels = classifier.in_channels
-        if channel_axis is None and channels > 1 and image.shape[:2] == (1, channels):
-            raise InputError(
-                f"{error}; if its first axis ({channels} planes) holds the channels, "
-                "pass --channel-axis 0"
-            ) from None
-        raise
+        hint = (
+            None if channel_axis is not None else _channel_axis_hint(classifier, image)
+        )
+        if hint is None:
+            raise
+        raise InputError(f"{error}; if its {hint}") from None
+
+
+def _channel_axis_hint(classifier: Classifier, image: da.Array) -> str | None:
+    """How to read a one-channel ``(1, Z, Y, X)`` image's first or last axis as the
+    model's channels, where that axis has as many entries; else ``None``."""
+    channels = classifier.in_channels
+    if channels < 2 or image.shape[0] != 1:
+        return None
+    if image.shape[1] == channels:
+        return (
+            f"first axis ({channels} planes) holds the channels, pass --channel-axis 0"
+        )
+    if image.shape[-1] == channels:
+        return (
+            f"last axis ({channels} entries) holds the channels, pass --channel-axis -1"
+        )
+    return None
 
 
 def predict_file(
