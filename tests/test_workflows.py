@@ -180,6 +180,10 @@ def test_results_of_two_images_never_share_a_file(files, capsys) -> None:
     np.save(inputs / "a.npy", np.zeros((8, 8), np.float32))
     code, _, err = run(capsys, *argv[:-1], "-q")
     assert code == 2 and f"written to {files / 'out' / 'a.tif'}" in err
+    (inputs / "a.npy").rename(inputs / "A.npy")  # one file on macOS and Windows
+    code, _, err = run(capsys, *argv[:-1], "-q")
+    assert code == 2 and "differ only in case" in err and err.count("\n") == 1
+    assert not (files / "out").exists()
 
 
 def test_an_imagej_multichannel_file_trains_on_its_channels(files, capsys) -> None:

@@ -326,16 +326,24 @@ def _make_folder(folder: Path) -> None:
 
 def _check_distinct(results: list[Path]) -> None:
     """``InputError`` if two results would go to one file: inputs of one name
-    (``a.tif``, ``a.png``), or ``a_probabilities.tif`` of ``a.tif`` and the classes
-    of an input named ``a_probabilities.tif``."""
-    seen: set[Path] = set()
+    (``a.tif``, ``a.png``), ``a_probabilities.tif`` of ``a.tif`` and the classes of
+    an input named ``a_probabilities.tif``, or names that differ only in case
+    (``a.tif``, ``A.tif``: one file on macOS and Windows)."""
+    seen: dict[str, Path] = {}
     for path in results:
-        if path in seen:
+        other = seen.setdefault(str(path).casefold(), path)
+        if other is path:
+            continue
+        if other == path:
             raise InputError(
                 f"two results would be written to {path}; rename one of the inputs "
                 "or predict them into separate folders"
             )
-        seen.add(path)
+        raise InputError(
+            f"the results {other} and {path} differ only in case, which macOS and "
+            "Windows take for one file; rename one of the inputs or predict them "
+            "into separate folders"
+        )
 
 
 @dataclass
