@@ -15,6 +15,7 @@ milliseconds per step.
     .venv/bin/python benchmarks/bench_training.py --tasks ihc-rgb --no-invariants
     .venv/bin/python benchmarks/bench_training.py --tasks coins --mix 0  # no CutMix
     .venv/bin/python benchmarks/bench_training.py --focal-gamma 0  # plain CE
+    .venv/bin/python benchmarks/bench_training.py --invariant-gain 1  # as before
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def run_variant(name: str, args: argparse.Namespace) -> str:
         preset = replace(preset, standardize=args.standardize)
     if args.invariants is not None:
         preset = replace(preset, invariants=args.invariants)
+    if args.invariant_gain is not None:
+        preset = replace(preset, invariant_gain=args.invariant_gain)
     if args.scales:
         preset = replace(preset, filter_scales=tuple(args.scales))
     if args.filter_size:
@@ -151,6 +154,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--invariants",
         action=argparse.BooleanOptionalAction,
         help="gradient magnitude and Hessian eigenvalues (default: the preset's)",
+    )
+    parser.add_argument(
+        "--invariant-gain",
+        type=float,
+        help="factor on the invariants (default: the preset's)",
     )
     parser.add_argument(
         "--scales", nargs="+", type=float, help="Gaussian sigmas of the filter bank"

@@ -212,6 +212,37 @@ def test_files_from_before_the_feature_scale_load_unchanged(
     )
 
 
+def test_files_from_before_the_invariant_gain_load_with_gain_one(
+    make_classifier, image, tmp_path
+) -> None:
+    classifier = make_classifier(image, seed=3, preset="pixel")
+    assert classifier.preset.invariant_gain == 2.0
+    path = save_classifier(classifier, tmp_path / "new.pt")
+    assert load_classifier(path).preset == classifier.preset
+    old_preset = replace(classifier.preset, invariant_gain=1.0)
+    old_net = build_patch_net(old_preset, 1, 2)
+    old_net.load_state_dict(classifier.patch_net.state_dict())  # same weights
+    old = Classifier(
+        old_preset,
+        classifier.in_channels,
+        classifier.class_names,
+        classifier.normalization,
+        old_net,
+    )
+    path = save_classifier(old, tmp_path / "old.pt")
+    payload = torch.load(path, weights_only=True)
+    del payload["preset"]["invariant_gain"]  # as written before the field existed
+    torch.save(payload, path)
+    loaded = load_classifier(path)
+    assert loaded.preset.invariant_gain == 1.0
+    np.testing.assert_allclose(
+        predict_proba(loaded, image), predict_proba(old, image), atol=1e-6
+    )
+    assert not np.allclose(  # the gain alone changes the prediction
+        predict_proba(loaded, image), predict_proba(classifier, image), atol=1e-3
+    )
+
+
 def test_the_class_prior_is_saved_and_older_files_load_without_one(
     make_classifier, image, tmp_path
 ) -> None:

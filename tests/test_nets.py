@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,6 +90,24 @@ def test_invariants_do_not_depend_on_orientation() -> None:
     features = invariants(filters(x))[:, filters.out_channels :]
     turned = invariants(filters(torch.rot90(x, 1, (2, 3))))[:, filters.out_channels :]
     torch.testing.assert_close(torch.rot90(features, 1, (2, 3)), turned)
+
+
+def test_invariants_are_gradient_and_hessian_eigenvalues_times_the_gain() -> None:
+    net = build_patch_net("pixel", 1, 2).double()
+    filters, invariants = net[0], net[1]
+    assert invariants.gain == PRESETS["pixel"].invariant_gain == 2.0
+    x = torch.randn(1, 1, 30, 30, dtype=torch.float64)
+    with torch.no_grad():
+        responses = filters(x)[0].numpy()  # (1 + 6 S, h, w)
+        appended = invariants(filters(x))[0, filters.out_channels :].numpy()
+    scales = len(PRESETS["pixel"].filter_scales)
+    for scale in range(scales):
+        _, gx, gy, gxx, gxy, gyy = responses[1 + 6 * scale : 7 + 6 * scale]
+        hessian = np.stack([np.stack([gyy, gxy], -1), np.stack([gxy, gxx], -1)], -2)
+        low, high = np.moveaxis(np.linalg.eigvalsh(hessian), -1, 0)
+        np.testing.assert_allclose(appended[scale], 2 * np.hypot(gx, gy), atol=1e-5)
+        np.testing.assert_allclose(appended[scales + scale], 2 * high, atol=1e-5)
+        np.testing.assert_allclose(appended[2 * scales + scale], 2 * low, atol=1e-5)
 
 
 def test_feature_scale_is_fitted_once_to_the_first_training_image(rng) -> None:
