@@ -56,9 +56,10 @@ def update_once_and_wait(qtbot, finished_workers) -> Callable[..., None]:
     wait until its worker (a short training, then the prediction) has finished."""
 
     def update(widget, timeout: int = 30_000) -> None:
+        before = widget._worker
         widget.update_button.clicked.emit()
         worker = widget._worker
-        assert worker is not None
+        assert worker is not None and worker is not before, "Update started nothing"
         qtbot.waitUntil(lambda: worker in finished_workers, timeout=timeout)
 
     return update

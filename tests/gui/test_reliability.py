@@ -211,7 +211,9 @@ def test_an_error_in_the_worker_is_shown_and_train_works_again(
     )
     assert widget.train_button.text == "Train"
     monkeypatch.setattr(LiveSession, "predict", original)
-    qtbot.waitUntil(lambda: not widget._worker.is_running, timeout=5_000)
+    # not is_running: the thread clears it before ``finished`` reaches the widget,
+    # which counts the worker as training (Update once does nothing) until then
+    qtbot.waitUntil(lambda: not widget.training, timeout=5_000)
     update_once_and_wait(widget, timeout=60_000)
     assert widget.status.value.startswith("step")  # trained, not "Stopped: ..."
     assert widget._viewer.layers["img prediction"].data.min() >= 1
