@@ -258,9 +258,8 @@ def test_an_image_of_another_size_gets_output_layers_of_its_size(
     update_once_and_wait(widget, timeout=60_000)
     viewer.layers["img"].data = _disc_image(96)
     scribbles.data = _strokes((96, 96))
-    update_once_and_wait(
-        widget, timeout=60_000
-    )  # fails on an exception in the update slot
+    # fails on an exception in the update slot
+    update_once_and_wait(widget, timeout=60_000)
     prediction = viewer.layers["img prediction"]
     assert prediction.data.shape == viewer.layers["img uncertainty"].data.shape
     assert prediction.data.shape == (96, 96) and prediction.data.min() >= 1
