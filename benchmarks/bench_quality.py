@@ -120,14 +120,24 @@ class Forest:
     def fit_predict(self, labels: np.ndarray) -> tuple[np.ndarray, float]:
         """Fit on the painted pixels, predict every pixel; returns (classes, s)."""
         tick = time.perf_counter()
+        prediction = self._fit(labels).predict(self._flat_features())
+        return prediction.reshape(labels.shape), time.perf_counter() - tick
+
+    def probabilities(self, labels: np.ndarray) -> np.ndarray:
+        """Fit on the painted pixels; ``(K, Y, X)`` probabilities of the painted
+        classes, in increasing order."""
+        proba = self._fit(labels).predict_proba(self._flat_features())
+        return proba.T.reshape(-1, *labels.shape)
+
+    def _fit(self, labels: np.ndarray) -> RandomForestClassifier:
         forest = RandomForestClassifier(
             n_estimators=50, max_depth=10, n_jobs=-1, random_state=self.seed
         )
         painted = labels > 0
-        forest.fit(self.features[painted], labels[painted])
-        flat = self.features.reshape(-1, self.features.shape[-1])
-        prediction = forest.predict(flat).reshape(labels.shape)
-        return prediction, time.perf_counter() - tick
+        return forest.fit(self.features[painted], labels[painted])
+
+    def _flat_features(self) -> np.ndarray:
+        return self.features.reshape(-1, self.features.shape[-1])
 
 
 class Ours:

@@ -25,7 +25,7 @@ import copy
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from napari_dsparse.nets import DEFAULT_PRESET, PRESETS
 from napari_dsparse.predict import labels_and_uncertainty, predict_proba
 from napari_dsparse.scribbles import initial_strokes
 from napari_dsparse.train import TrainConfig, Trainer
-from tasks import TASKS, make_task
+from tasks import TASKS, Task, make_task
 
 
 class WeightAverage:
@@ -72,7 +72,20 @@ class WeightAverage:
             self.net.load_state_dict(live)
 
 
-def run_variant(name: str, args: argparse.Namespace) -> str:
+@dataclass
+class Variant:
+    """One task's image, strokes and the untrained variant that learns from them."""
+
+    task: Task
+    image: np.ndarray  # (C, Z, Y, X)
+    labels: np.ndarray  # (Y, X), 0 unpainted
+    classifier: Classifier
+    trainer: Trainer
+
+
+def make_variant(name: str, args: argparse.Namespace) -> Variant:
+    """Task ``name`` with ``bench_quality.py``'s strokes for ``args.seed`` and a
+    classifier and trainer set up as ``args`` says."""
     task = make_task(name)
     image = as_channels_first(task.image, task.channel_axis)
     rng = np.random.default_rng(args.seed)
@@ -106,7 +119,15 @@ def run_variant(name: str, args: argparse.Namespace) -> str:
         mix=args.mix,
         seed=args.seed,
     )
-    trainer = Trainer(classifier, image, labels, config)
+    return Variant(
+        task, image, labels, classifier, Trainer(classifier, image, labels, config)
+    )
+
+
+def run_variant(name: str, args: argparse.Namespace) -> str:
+    variant = make_variant(name, args)
+    task, image, labels = variant.task, variant.image, variant.labels
+    classifier, trainer = variant.classifier, variant.trainer
     average = WeightAverage(classifier.patch_net, args.ema) if args.ema else None
     ious, done, cpu = [], 0, 0.0
     for target in args.steps:
