@@ -1,12 +1,12 @@
 """Where a two-class task's errors lie, ours against the random forest's.
 
-Trains one ``bench_training.py`` variant (same options, same strokes) for the last
-of ``--steps`` and prints, for ours and the forest: mean IoU, the mean IoU at the
-best threshold on P(second class) found with the truth known (an oracle, for
-diagnosis only: it tells a shifted boundary from a poor ranking), false "second
-class" and false "first class" pixels, and wrong pixels by distance to the true
-edge. Then the oracle IoU of a single Gaussian-smoothed intensity per sigma, the
-one-feature classifier a forest split can pick.
+Trains one ``bench_training.py`` variant (its options but ``--ema``, the same
+strokes) for the last of ``--steps`` and prints, for ours and the forest: mean IoU,
+the mean IoU at the best threshold on P(second class) found with the truth known (an
+oracle, for diagnosis only: it tells a shifted boundary from a poor ranking), false
+"second class" and false "first class" pixels, and wrong pixels by distance to the
+true edge. Then the oracle IoU of a single Gaussian-smoothed intensity per sigma,
+the one-feature classifier a forest split can pick.
 
     .venv/bin/python benchmarks/bench_edges.py --tasks blobs --steps 3000 --seed 0
     .venv/bin/python benchmarks/bench_edges.py --tasks coins --steps 3000 --mix 0
@@ -79,6 +79,10 @@ def smoothed_rows(image: np.ndarray, truth: np.ndarray) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.ema:
+        sys.exit(
+            "bench_edges.py: --ema is not supported (it predicts with the live weights)"
+        )
     torch.set_num_threads(args.threads)
     print(" ".join(sys.argv[1:]) or "(defaults)")
     for name in args.tasks:
@@ -90,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(max(args.steps)):
             variant.trainer.step()
         variant.trainer.fit_class_prior()
-        ours = predict_proba(variant.classifier, variant.image)[:, 0][-1]  # (Y, X)
+        ours = predict_proba(variant.trainer.classifier, variant.image)[:, 0][
+            -1
+        ]  # (Y, X)
         forest = Forest(variant.task, args.seed).probabilities(variant.labels)[-1]
         distance = edge_distance(truth)
         bins = [

@@ -79,8 +79,7 @@ class Variant:
     task: Task
     image: np.ndarray  # (C, Z, Y, X)
     labels: np.ndarray  # (Y, X), 0 unpainted
-    classifier: Classifier
-    trainer: Trainer
+    trainer: Trainer  # its ``classifier`` is the variant's network
 
 
 def make_variant(name: str, args: argparse.Namespace) -> Variant:
@@ -119,15 +118,14 @@ def make_variant(name: str, args: argparse.Namespace) -> Variant:
         mix=args.mix,
         seed=args.seed,
     )
-    return Variant(
-        task, image, labels, classifier, Trainer(classifier, image, labels, config)
-    )
+    return Variant(task, image, labels, Trainer(classifier, image, labels, config))
 
 
 def run_variant(name: str, args: argparse.Namespace) -> str:
     variant = make_variant(name, args)
     task, image, labels = variant.task, variant.image, variant.labels
-    classifier, trainer = variant.classifier, variant.trainer
+    trainer = variant.trainer
+    classifier = trainer.classifier
     average = WeightAverage(classifier.patch_net, args.ema) if args.ema else None
     ious, done, cpu = [], 0, 0.0
     for target in args.steps:
