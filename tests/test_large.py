@@ -393,6 +393,30 @@ def test_a_last_axis_that_may_be_channels_gets_a_hint(
     assert tifffile.imread(tmp_path / "out.tif").shape == (20, 20)
 
 
+def test_the_training_channel_axis_applies_to_images_laid_out_alike(
+    make_classifier, rng, tmp_path
+) -> None:
+    planes = rng.integers(0, 255, (2, 20, 20), dtype=np.uint8)
+    np.save(tmp_path / "planes.npy", planes)
+    two_channels = make_classifier(as_channels_first(planes, channel_axis=0))
+    two_channels.provenance["channel_axis"] = {"ndim": 3, "axis": 0}
+    predict_file(two_channels, tmp_path / "planes.npy", tmp_path / "out.tif")
+    predict_file(
+        two_channels, tmp_path / "planes.npy", tmp_path / "given.tif", channel_axis=0
+    )
+    assert np.array_equal(
+        tifffile.imread(tmp_path / "out.tif"), tifffile.imread(tmp_path / "given.tif")
+    )
+    assert tifffile.imread(tmp_path / "out.tif").shape == (20, 20)
+    # Laid out otherwise (channels last, or a stack of 2D planes): not applied.
+    np.save(tmp_path / "last.npy", np.moveaxis(planes, 0, -1))
+    with pytest.raises(InputError, match=r"last axis \(2 entries\).*-1"):
+        predict_file(two_channels, tmp_path / "last.npy", tmp_path / "last.tif")
+    np.save(tmp_path / "stack.npy", planes[:, None])  # (2, 1, 20, 20): 4D
+    with pytest.raises(InputError, match="give the channel axis"):
+        predict_file(two_channels, tmp_path / "stack.npy", tmp_path / "stack.tif")
+
+
 def test_a_grayscale_model_gives_no_channel_hint(classifier, tmp_path) -> None:
     np.save(tmp_path / "empty.npy", np.zeros((0, 5), np.float32))
     with pytest.raises(InputError, match=r"0 x 5 pixels: it has no pixels") as error:

@@ -196,6 +196,43 @@ def test_an_imagej_multichannel_file_trains_on_its_channels(files, capsys) -> No
     assert load_classifier(files / "m.pt").in_channels == 2
 
 
+def test_predict_reads_files_as_the_model_was_trained_on_them(files, capsys) -> None:
+    image = tifffile.imread(files / "image.tif")
+    np.save(files / "two.npy", np.stack([image, image.max() - image]))  # (C, Y, X)
+    argv = ["train", files / "two.npy", files / "labels.npy", "--steps", "2"]
+    code, _out, err = run(capsys, *argv, "--channel-axis", "-3", "-o", files / "m.pt")
+    assert code == 0, err
+    trained = load_classifier(files / "m.pt").provenance["channel_axis"]
+    assert trained == {"ndim": 3, "axis": 0}  # -3 of 3 axes, as a positive axis
+    code, out, err = run(
+        capsys, "predict", files / "m.pt", files / "two.npy", "-o", files / "a.tif"
+    )
+    assert code == 0, err  # no --channel-axis: the model's layout
+    assert "12,288 pixels" in out  # 96 x 128: the channels are not counted as planes
+    code, _, err = run(
+        capsys,
+        "predict",
+        files / "m.pt",
+        files / "two.npy",
+        "-o",
+        files / "b.tif",
+        "--channel-axis",
+        "0",
+    )
+    assert code == 0, err
+    assert np.array_equal(
+        tifffile.imread(files / "a.tif"), tifffile.imread(files / "b.tif")
+    )
+    assert tifffile.imread(files / "a.tif").shape == (96, 128)
+
+
+def test_a_model_trained_without_a_channel_axis_records_none(files, capsys) -> None:
+    argv = ["train", files / "image.tif", files / "labels.npy", "--steps", "1"]
+    code, _out, err = run(capsys, *argv, "-o", files / "m.pt")
+    assert code == 0, err
+    assert "channel_axis" not in load_classifier(files / "m.pt").provenance
+
+
 def test_a_grey_png_with_alpha_is_one_channel(files, capsys) -> None:
     grey = tifffile.imread(files / "image.tif").astype(np.uint8)
     Image.fromarray(np.dstack([grey, np.full_like(grey, 255)]), mode="LA").save(

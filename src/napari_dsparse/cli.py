@@ -209,7 +209,11 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="0 or 1-10: focusing of the loss on the painted pixels the model gets "
         "wrong; 0 is the plain cross-entropy (default %(default)s)",
     )
-    _add_channel_axis(train)
+    _add_channel_axis(
+        train,
+        "the one the file's metadata names, else the last axis if it has 3 or 4 "
+        "entries in a 3D array",
+    )
     train.set_defaults(func=_run_train)
 
 
@@ -277,7 +281,12 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
         help="also write 1 - max probability, rescaled to 0-1 (1: all classes equal)",
     )
     predict.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best)")
-    _add_channel_axis(predict)
+    _add_channel_axis(
+        predict,
+        "the one the file's metadata names, else the model's training axis for "
+        "files laid out alike, else the last axis if it has 3 or 4 entries in a 3D "
+        "array",
+    )
     _add_large_image_options(predict)
     predict.set_defaults(func=_run_predict)
 
@@ -334,11 +343,9 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
     export.set_defaults(func=_run_export)
 
 
-def _add_channel_axis(parser: argparse.ArgumentParser) -> None:
+def _add_channel_axis(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument(
-        "--channel-axis",
-        type=int,
-        help="axis of the channels (default: last axis of size 3 or 4 in 2D images)",
+        "--channel-axis", type=int, help=f"axis of the channels (default: {default})"
     )
 
 

@@ -57,8 +57,10 @@ __all__ = [
     "open_lazy",
     "parse_memory",
     "predict_file",
+    "resolve_channel_axis",
     "result_paths",
     "tile_for_memory",
+    "trained_channel_axis",
 ]
 
 DEFAULT_MEMORY = 2**30  # bytes for one tile's activations and buffers (1 GB)
@@ -268,6 +270,29 @@ def _channel_axis_hint(classifier: Classifier, image: da.Array) -> str | None:
     return None
 
 
+def resolve_channel_axis(
+    classifier: Classifier,
+    image_path: str | Path,
+    shape: tuple[int, ...],
+    given: int | None = None,
+) -> int | None:
+    """``given``, else the axis the file's metadata names, else the one the model
+    was trained with (:func:`trained_channel_axis`), else ``None`` (inferred)."""
+    axis = channel_axis_of(image_path, given)
+    return axis if axis is not None else trained_channel_axis(classifier, shape)
+
+
+def trained_channel_axis(classifier: Classifier, shape: tuple[int, ...]) -> int | None:
+    """The channel axis of the model's training images (``train --channel-axis``)
+    for an image of ``shape`` laid out like them: as many dimensions, and as many
+    entries on that axis as the model has channels. Else ``None``."""
+    layout = classifier.provenance.get("channel_axis")
+    if not layout or len(shape) != layout["ndim"]:
+        return None
+    axis = layout["axis"]
+    return axis if shape[axis] == classifier.in_channels else None
+
+
 def predict_file(
     classifier: Classifier,
     image_path: str | Path,
@@ -289,8 +314,8 @@ def predict_file(
     output = Path(output)
     targets = _targets(output, outputs)
     check_not_overwriting(targets.values(), [Path(image_path)])
-    channel_axis = channel_axis_of(image_path, channel_axis)  # given, else metadata
     raw = open_lazy(image_path)
+    channel_axis = resolve_channel_axis(classifier, image_path, raw.shape, channel_axis)
     image = as_channels_first(raw, channel_axis)  # (C, Z, Y, X)
     _check_channels(classifier, image, channel_axis)
     # The model's policy, resolved once for the whole image (per image: one pass

@@ -43,6 +43,7 @@ from napari_dsparse.large import (
     open_lazy,
     predict_file,
     progress_bar,
+    resolve_channel_axis,
     result_paths,
 )
 from napari_dsparse.model import Classifier, pick_device
@@ -131,7 +132,8 @@ def train_from_pairs(
     check_not_overwriting([Path(output)], [path for pair in pairs for path in pair])
     _check_model_output(Path(output))
     check_pairs_distinct((Path(image), Path(labels)) for image, labels in pairs)
-    loaded = [_read_pair(image, labels, channel_axis) for image, labels in pairs]
+    read = [_read_pair(image, labels, channel_axis) for image, labels in pairs]
+    loaded = [(image, labels) for image, labels, _ in read]
     num_classes = max(int(labels.max()) for _, labels in loaded)
     counts = sum(class_counts(labels, num_classes) for _, labels in loaded)
     if (counts > 0).sum() < 2:
@@ -156,6 +158,9 @@ def train_from_pairs(
         image=names[0],
         images=names,
     )
+    layout = _shared_channel_axis([layout for *_, layout in read])
+    if layout is not None:  # predict reads images laid out alike the same way
+        classifier.provenance["channel_axis"] = layout
     training_set = TrainingSet(classifier.normalization, num_classes)
     for name, (image, labels) in zip(names, loaded, strict=True):
         training_set.add(name, image, labels)
@@ -208,15 +213,30 @@ def _check_model_output(output: Path) -> None:
 
 def _read_pair(
     image_path: str | Path, labels_path: str | Path, channel_axis: int | None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int | None]]:
+    """The image as ``(C, Z, Y, X)``, its labels, and the file's dimensions with the
+    channel axis that was given or named in it (``None``: inferred)."""
     channel_axis = channel_axis_of(image_path, channel_axis)
-    image = as_channels_first(read_array(image_path), channel_axis)  # (C, Z, Y, X)
+    raw = read_array(image_path)
+    image = as_channels_first(raw, channel_axis)  # (C, Z, Y, X)
     check_trainable_image(image)
     try:
         labels = check_labels(read_labels(labels_path), image.shape[1:])
     except InputError as error:
         raise InputError(f"{labels_path}: {error}") from error
-    return image, labels
+    axis = None if channel_axis is None else channel_axis % raw.ndim
+    return image, labels, (raw.ndim, axis)
+
+
+def _shared_channel_axis(
+    layouts: Sequence[tuple[int, int | None]],
+) -> dict[str, int] | None:
+    """``{"ndim", "axis"}`` when every training file has that many dimensions and
+    its channels on that axis, given or named in the file; else ``None``."""
+    if len(set(layouts)) != 1 or layouts[0][1] is None:
+        return None
+    ndim, axis = layouts[0]
+    return {"ndim": ndim, "axis": axis}
 
 
 def _pair_names(images: Sequence[Path]) -> list[str]:
@@ -463,7 +483,7 @@ def predict_many(
                         progress=tiles,
                         scheduler=scheduler,
                     )
-                pixels = _pixels(image_path, channel_axis)
+                pixels = _pixels(classifier, image_path, channel_axis)
             except InputError as error:
                 summary.failed.append((image_path, str(error)))
             else:
@@ -474,9 +494,8 @@ def predict_many(
     return summary
 
 
-def _pixels(image_path: Path, channel_axis: int | None) -> int:
+def _pixels(classifier: Classifier, image_path: Path, channel_axis: int | None) -> int:
     """Pixels of every slice of an image file (its shape only, read lazily)."""
-    image = as_channels_first(
-        open_lazy(image_path), channel_axis_of(image_path, channel_axis)
-    )
-    return int(np.prod(image.shape[1:]))
+    raw = open_lazy(image_path)
+    axis = resolve_channel_axis(classifier, image_path, raw.shape, channel_axis)
+    return int(np.prod(as_channels_first(raw, axis).shape[1:]))
