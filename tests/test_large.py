@@ -415,6 +415,10 @@ def test_the_training_channel_axis_applies_to_images_laid_out_alike(
     np.save(tmp_path / "stack.npy", planes[:, None])  # (2, 1, 20, 20): 4D
     with pytest.raises(InputError, match="give the channel axis"):
         predict_file(two_channels, tmp_path / "stack.npy", tmp_path / "stack.tif")
+    for damaged in ({"ndim": 3, "axis": 7}, {"ndim": 3}, [3, 0], None):
+        two_channels.provenance["channel_axis"] = damaged  # ignored, never a crash
+        with pytest.raises(InputError, match=r"first axis \(2 planes\)"):
+            predict_file(two_channels, tmp_path / "planes.npy", tmp_path / "d.tif")
 
 
 def test_a_grayscale_model_gives_no_channel_hint(classifier, tmp_path) -> None:

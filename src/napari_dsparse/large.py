@@ -287,9 +287,11 @@ def trained_channel_axis(classifier: Classifier, shape: tuple[int, ...]) -> int 
     for an image of ``shape`` laid out like them: as many dimensions, and as many
     entries on that axis as the model has channels. Else ``None``."""
     layout = classifier.provenance.get("channel_axis")
-    if not layout or len(shape) != layout["ndim"]:
+    if not isinstance(layout, dict) or layout.get("ndim") != len(shape):
+        return None  # none recorded (or not as this package writes it)
+    axis = layout.get("axis")
+    if not isinstance(axis, int) or not 0 <= axis < len(shape):
         return None
-    axis = layout["axis"]
     return axis if shape[axis] == classifier.in_channels else None
 
 
