@@ -807,6 +807,7 @@ class DsparseWidget(Container):
             show_warning("Train a model before exporting it.")
             return
         self._session.classifier.class_names = self._session.class_names
+        self._record_channel_axis(self._session.classifier)
         if self._watched is not None:  # the colours the user painted with
             count = len(self._session.class_names)
             colors = self._watched.colormap.map(np.arange(1, count + 1))
@@ -818,6 +819,15 @@ class DsparseWidget(Container):
             show_error(f"Export failed: {error}")
             return
         show_info(f"Model written to {path}")
+
+    def _record_channel_axis(self, classifier: Classifier) -> None:
+        """Channels first, as in the layer, for ``predict`` on files laid out alike
+        (a multichannel layer; RGB files are read as RGB without it)."""
+        image = self._session_image
+        if self._multichannel and image is not None:
+            classifier.provenance["channel_axis"] = {"ndim": image.ndim, "axis": 0}
+        else:
+            classifier.provenance.pop("channel_axis", None)
 
     def _ask_load(self) -> None:
         path, _ = QFileDialog.getOpenFileName(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 import napari_dsparse._widget as widget_module
 from napari_dsparse._demo import PLUGIN, WIDGET
+from napari_dsparse.cli import main
 from napari_dsparse.data import as_channels_first
 from napari_dsparse.export import frozen_copy, load_classifier
 from napari_dsparse.faults import Checkpoint
@@ -255,6 +257,7 @@ def test_rgb_and_multichannel_layers_train(
     channels,
     apply_and_wait,
     update_once_and_wait,
+    tmp_path,
 ) -> None:
     viewer = make_napari_viewer()
     viewer.add_image(make_image(_disc_image(64)), name="multi", rgb=rgb)
@@ -273,3 +276,11 @@ def test_rgb_and_multichannel_layers_train(
         apply_and_wait(widget, stack, timeout=20_000)
         result = viewer.layers[f"{stack.name} prediction"].data
         assert result.shape == (3, 64, 64) and result.min() >= 1
+    # Exported, the model reads files laid out as the layer was without options.
+    widget.export_model(tmp_path / "model.pt")
+    layout = load_classifier(tmp_path / "model.pt").provenance.get("channel_axis")
+    assert layout == (None if rgb else {"ndim": 3, "axis": 0})
+    np.save(tmp_path / "multi.npy", viewer.layers["multi"].data)
+    argv = ["predict", tmp_path / "model.pt", tmp_path / "multi.npy", "-q"]
+    assert main([*map(str, argv), "-o", str(tmp_path / "out.tif")]) == 0
+    assert tifffile.imread(tmp_path / "out.tif").shape == (64, 64)
