@@ -60,7 +60,6 @@ __all__ = [
     "resolve_channel_axis",
     "result_paths",
     "tile_for_memory",
-    "trained_channel_axis",
 ]
 
 DEFAULT_MEMORY = 2**30  # bytes for one tile's activations and buffers (1 GB)
@@ -277,12 +276,12 @@ def resolve_channel_axis(
     given: int | None = None,
 ) -> int | None:
     """``given``, else the axis the file's metadata names, else the one the model
-    was trained with (:func:`trained_channel_axis`), else ``None`` (inferred)."""
+    was trained with (:func:`_trained_channel_axis`), else ``None`` (inferred)."""
     axis = channel_axis_of(image_path, given)
-    return axis if axis is not None else trained_channel_axis(classifier, shape)
+    return axis if axis is not None else _trained_channel_axis(classifier, shape)
 
 
-def trained_channel_axis(classifier: Classifier, shape: tuple[int, ...]) -> int | None:
+def _trained_channel_axis(classifier: Classifier, shape: tuple[int, ...]) -> int | None:
     """The channel axis of the model's training images (``train --channel-axis``)
     for an image of ``shape`` laid out like them: as many dimensions, and as many
     entries on that axis as the model has channels. Else ``None``."""
