@@ -5,7 +5,8 @@
 Writes docs/images/live-2d.png, live-rgb.png, live-3d.png and training-set.png: the
 viewer with the widget docked after a few seconds of live training on each kind of
 image, and on a training set of two images. Optional arguments: the seconds, then
-the names of the shots to take (default: all), e.g. ``20 training-set``.
+the names of the shots to take (``2d``, ``rgb``, ``3d``, ``training-set``;
+default: all), e.g. ``20 training-set``.
 """
 
 from __future__ import annotations
@@ -113,5 +114,9 @@ SHOTS = {
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 20.0
-    for name in sys.argv[2:] or list(SHOTS):  # e.g. `screenshots.py 20 training-set`
+    names = sys.argv[2:] or list(SHOTS)  # e.g. `screenshots.py 20 training-set`
+    unknown = [name for name in names if name not in SHOTS]
+    if unknown:
+        sys.exit(f"unknown shot {', '.join(unknown)}: choose from {', '.join(SHOTS)}")
+    for name in names:
         SHOTS[name](seconds)
