@@ -17,6 +17,7 @@ milliseconds per step.
     .venv/bin/python benchmarks/bench_training.py --focal-gamma 0  # plain CE
     .venv/bin/python benchmarks/bench_training.py --invariant-gain 1  # as before
     .venv/bin/python benchmarks/bench_training.py --smooth 1.5  # blurred output
+    .venv/bin/python benchmarks/bench_training.py --tta 8  # rotations and flips
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def run_variant(name: str, args: argparse.Namespace) -> str:
                 average.update()
         cpu += time.process_time() - tick
         trainer.fit_class_prior()
-        predict = partial(predict_proba, classifier, image)
+        predict = partial(dihedral_mean, classifier, image, args.tta)
         proba = average.predict(predict) if average else predict()
         classes, _ = labels_and_uncertainty(smoothed(proba, args.smooth))
         ious.append(mean_iou(task.truth, classes[0]))
@@ -150,6 +151,23 @@ def run_variant(name: str, args: argparse.Namespace) -> str:
         f"{1e3 * cpu / done:.0f}",
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def dihedral_mean(
+    classifier: Classifier, image: np.ndarray, transforms: int
+) -> np.ndarray:
+    """Probabilities averaged over the first ``transforms`` of the 8 rotations and
+    flips of the image's Y-X plane, each mapped back (1: plain prediction)."""
+    total = None
+    for index in range(transforms):
+        turns, flip = index % 4, index >= 4
+        view = np.rot90(image, turns, axes=(-2, -1))
+        view = np.flip(view, -1) if flip else view
+        proba = predict_proba(classifier, np.ascontiguousarray(view))
+        proba = np.flip(proba, -1) if flip else proba
+        proba = np.rot90(proba, -turns, axes=(-2, -1))
+        total = proba if total is None else total + proba
+    return total / transforms
 
 
 def smoothed(proba: np.ndarray, sigma: float) -> np.ndarray:
@@ -194,6 +212,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--filter-size", type=int, help="odd filter-bank support")
     parser.add_argument("--no-balance", action="store_true")
+    parser.add_argument(
+        "--tta",
+        type=int,
+        default=1,
+        choices=range(1, 9),
+        help="average our probabilities over this many of the image's 8 rotations "
+        "and flips (1: none); a diagnostic",
+    )
     parser.add_argument(
         "--smooth",
         type=float,
