@@ -327,6 +327,36 @@ def test_channels_named_in_the_file_need_no_channel_axis(
     np.testing.assert_array_equal(named[1, 2], expected[0])
 
 
+@pytest.mark.parametrize("shape", [(70, 90), (3, 70, 90), (2, 3, 2, 70, 90)])
+def test_zarr_results_have_the_shape_of_the_tif_results(
+    make_classifier, rng, tmp_path, shape
+) -> None:
+    # A 2D image, a (Z, Y, X) stack and a (T, Z, C, Y, X) series (channel axis 2).
+    channel_axis = 2 if len(shape) == 5 else None
+    image = rng.integers(0, 4000, shape, dtype=np.uint16)
+    np.save(tmp_path / "image.npy", image)
+    classifier = make_classifier(
+        as_channels_first(image, channel_axis), num_classes=3, seed=2
+    )
+    outputs = Outputs(probabilities=True, uncertainty=True)
+    for name in ("out.tif", "out.zarr"):
+        predict_file(
+            classifier,
+            tmp_path / "image.npy",
+            tmp_path / name,
+            outputs,
+            memory=SMALL_MEMORY,
+            channel_axis=channel_axis,
+        )
+    spatial = shape[:2] + shape[3:] if channel_axis == 2 else shape
+    result = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    for name in ("classes", "probabilities", "uncertainty"):
+        tif = tmp_path / ("out.tif" if name == "classes" else f"out_{name}.tif")
+        expected = tifffile.imread(tif)
+        assert expected.shape == ((3,) if name == "probabilities" else ()) + spatial
+        np.testing.assert_array_equal(result[name][:], expected)
+
+
 def test_tiff_samples_other_than_rgb_are_channels(
     make_classifier, picture, tmp_path
 ) -> None:

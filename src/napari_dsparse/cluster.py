@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from napari_dsparse.data import InputError, Normalization
+from napari_dsparse.large import MergedPlanes
 from napari_dsparse.model import Classifier
 from napari_dsparse.predict import labels_and_uncertainty
 
@@ -121,10 +122,10 @@ def predict_into_with_dask(
         drop_axis=0,
         dtype=store["classes"].dtype,
     )
-    sources, targets = [classes], [store["classes"]]
+    sources, targets = [classes], [MergedPlanes(store["classes"])]
     if "probabilities" in store:
         sources.append(proba)
-        targets.append(store["probabilities"])
+        targets.append(MergedPlanes(store["probabilities"], leading=1))
     if "uncertainty" in store:
         sources.append(
             da.map_blocks(
@@ -134,7 +135,7 @@ def predict_into_with_dask(
                 dtype=np.float32,
             )
         )
-        targets.append(store["uncertainty"])
+        targets.append(MergedPlanes(store["uncertainty"]))
     stored = da.store(sources, targets, lock=False, compute=False)
     with connect(scheduler) as client:
         futures = client.compute(stored)

@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_MEMORY",
     "LAZY_SUFFIXES",
     "OUTPUT_SUFFIXES",
+    "MergedPlanes",
     "Outputs",
     "TiffRegions",
     "open_lazy",
@@ -333,7 +334,8 @@ def predict_file(
     )
     try:
         with held:
-            store = _create_store(scratch, classifier, image.shape, tile, outputs)
+            spatial = _spatial_shape(raw.shape, channel_axis, image.shape)
+            store = _create_store(scratch, classifier, spatial, tile, outputs)
             if scheduler is None:
                 _predict_into(classifier, image, store, tile, progress, normalization)
             else:
@@ -342,11 +344,10 @@ def predict_file(
                 predict_into_with_dask(
                     classifier, image, store, tile, scheduler, progress, normalization
                 )
-            spatial = _spatial_shape(raw.shape, channel_axis, image.shape)
             if output.name.lower().endswith(".zarr"):
                 _finish_zarr(scratch, output)
             else:
-                _write_tifs(store, targets, spatial, tile)
+                _write_tifs(store, targets, tile)
     except OSError as error:
         raise WriteError(os_error_message(output, error)) from error
     finally:
@@ -354,13 +355,13 @@ def predict_file(
     return list(targets.values())
 
 
-def _write_tifs(store, targets: dict[str, Path], spatial, tile: int) -> None:
+def _write_tifs(store, targets: dict[str, Path], tile: int) -> None:
     """Each result as a .tif, the classes last: once they exist, every result is
     complete. If one cannot be written, those written before it are removed."""
     written: list[Path] = []
     try:
         for name, target in reversed(targets.items()):
-            _write_tif_from(store[name], target, spatial, tile)
+            _write_tif_from(store[name], target, tile)
             written.append(target)
     except BaseException:
         for target in written:
@@ -371,7 +372,7 @@ def _write_tifs(store, targets: dict[str, Path], spatial, tile: int) -> None:
 def _spatial_shape(
     raw_shape: tuple[int, ...], channel_axis: int | None, image_shape: tuple[int, ...]
 ) -> tuple[int, ...]:
-    """The file's shape without its channels: that of a .tif result (a time series
+    """The file's shape without its channels: that of every result (a time series
     keeps its ``T, Z`` axes, which the ``(C, Z, Y, X)`` image merged into slices)."""
     if channel_axis is not None:
         axis = channel_axis % len(raw_shape)
@@ -407,8 +408,10 @@ def _predict_into(
 
 
 def _store_tile(store, proba: np.ndarray, z: int, rows, cols) -> None:
-    """Write one tile's probabilities and what follows from them into ``store``."""
-    region = (z, slice(*rows), slice(*cols))
+    """Write one tile's probabilities and what follows from them into ``store``:
+    the tile of slice ``z`` (of the ``(C, Z, Y, X)`` image) goes to that slice's
+    plane of the results, whose leading axes (``T, Z``, or none) ``Z`` merged."""
+    region = (*_plane(z, store["classes"].shape[:-2]), slice(*rows), slice(*cols))
     classes, unsure = labels_and_uncertainty(proba)
     store["classes"][region] = classes
     if "probabilities" in store:
@@ -417,36 +420,59 @@ def _store_tile(store, proba: np.ndarray, z: int, rows, cols) -> None:
         store["uncertainty"][region] = unsure
 
 
+def _plane(z: int, planes: tuple[int, ...]) -> tuple[int, ...]:
+    """The index in the leading spatial axes ``planes`` (``()``, ``(Z,)``, ``(T, Z)``)
+    of the image's slice ``z``, which ``as_channels_first`` merged them into."""
+    return tuple(int(index) for index in np.unravel_index(z, planes)) if planes else ()
+
+
+class MergedPlanes:
+    """A result's zarr array seen as ``([K,] Z, Y, X)``, the image's slices, for
+    writers that index those (``dask.array.store``); slices of ``Z`` map to planes."""
+
+    def __init__(self, array, leading: int = 0) -> None:
+        self.array, self.leading = array, leading  # leading: 1 for (K, ...)
+        self.planes = tuple(array.shape[leading:-2])
+        depth = int(np.prod(self.planes))
+        self.shape = (*array.shape[:leading], depth, *array.shape[-2:])
+        self.ndim, self.dtype = len(self.shape), array.dtype
+
+    def __setitem__(self, region: tuple[slice, ...], values: np.ndarray) -> None:
+        head, (slices, rows, cols) = region[: self.leading], region[self.leading :]
+        for offset, z in enumerate(range(*slices.indices(self.shape[self.leading]))):
+            plane = (*head, *_plane(z, self.planes), rows, cols)
+            self.array[plane] = values[(*(slice(None) for _ in head), offset)]
+
+
 def _create_store(
     path: Path,
     classifier: Classifier,
-    shape: tuple[int, ...],
+    spatial: tuple[int, ...],
     tile: int,
     outputs: Outputs,
 ):
-    """A zarr group with empty ``(Z, Y, X)`` arrays chunked like the tiles."""
+    """A zarr group with empty arrays of the image's ``spatial`` shape (its shape
+    less the channels: ``(Y, X)``, ``(Z, Y, X)``, ``(T, Z, Y, X)``), chunked like the
+    tiles; the probabilities have the classes first."""
     import zarr
 
-    _, depth, height, width = shape
+    *planes, height, width = spatial
     group = zarr.open_group(str(path), mode="w")
-    chunks = (1, min(tile, height), min(tile, width))
+    chunks = (*(1 for _ in planes), min(tile, height), min(tile, width))
     num_classes = classifier.num_classes
     group.create_array(
-        "classes",
-        shape=(depth, height, width),
-        chunks=chunks,
-        dtype=class_dtype(num_classes),
+        "classes", shape=spatial, chunks=chunks, dtype=class_dtype(num_classes)
     )
     if outputs.probabilities:
         group.create_array(
             "probabilities",
-            shape=(num_classes, depth, height, width),
+            shape=(num_classes, *spatial),
             chunks=(num_classes, *chunks),
             dtype=np.float32,
         )
     if outputs.uncertainty:
         group.create_array(
-            "uncertainty", shape=(depth, height, width), chunks=chunks, dtype=np.float32
+            "uncertainty", shape=spatial, chunks=chunks, dtype=np.float32
         )
     group.attrs.update(
         class_names=list(classifier.class_names),
@@ -487,10 +513,9 @@ def _scratch_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.part.zarr")
 
 
-def _write_tif_from(array, target: Path, spatial: tuple[int, ...], tile: int) -> None:
-    """Stream a ``([K,] Z, Y, X)`` zarr array into a tiled (Big)TIFF, atomically."""
-    leading = array.shape[:-3]  # (K,) for probabilities, () otherwise
-    shape = (*leading, *spatial)
+def _write_tif_from(array, target: Path, tile: int) -> None:
+    """Stream a result's zarr array into a tiled (Big)TIFF of its shape, atomically."""
+    shape = array.shape
     tif_tile = next(t for t in (256, 128, 64, 32, 16) if tile % t == 0)
     nbytes = int(np.prod(array.shape)) * array.dtype.itemsize
     write_atomically(
