@@ -44,3 +44,12 @@ def test_headless_demo_writes_prediction_and_model(tmp_path, capsys) -> None:
     scribbles = tifffile.imread(tmp_path / "scribbles.tif")
     assert (scribbles > 0).sum() > (coins_sample()[1] > 0).sum()  # corrections added
     assert load_classifier(tmp_path / "model.pt").class_names == ("background", "coin")
+
+
+def test_the_demo_without_a_display_says_what_to_do(monkeypatch, capsys) -> None:
+    monkeypatch.setattr("sys.platform", "linux")
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["demo"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--headless" in error and "xvfb-run" in error

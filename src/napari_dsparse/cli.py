@@ -100,10 +100,24 @@ def _run_demo(args: argparse.Namespace) -> int:
             report=say,
         )
         return 0
+    _check_display()
     from napari_dsparse._demo import run_gui_demo
 
     run_gui_demo()
     return 0
+
+
+def _check_display() -> None:
+    """``InputError`` on Linux without a display for Qt, where Qt would abort."""
+    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
+        return  # other systems have one; a chosen platform (offscreen...) needs none
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        from napari_dsparse.data import InputError
+
+        raise InputError(
+            "no display to open napari on: run `napari-dsparse demo --headless`, "
+            "or under a virtual display: `xvfb-run -a napari-dsparse demo`"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
