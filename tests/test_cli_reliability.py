@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -31,9 +33,10 @@ def strokes(tmp_path):
     ("image", "message"),
     [
         (np.full((40, 40), 9, np.uint16), "nothing to tell classes apart"),
-        (np.where(np.eye(40) > 0, np.inf, 0.5), "NaN or infinite"),
+        (np.where(np.eye(40) > 0, np.inf, 0.5), "image.npy: the image contains NaN"),
+        (np.zeros((0, 40, 40), np.uint8), "image.npy: the image has 0 planes"),
     ],
-    ids=["constant", "infinite"],
+    ids=["constant", "infinite", "no planes"],
 )
 def test_train_refuses_untrainable_images(capsys, tmp_path, strokes, image, message):
     np.save(tmp_path / "image.npy", image)
@@ -42,6 +45,13 @@ def test_train_refuses_untrainable_images(capsys, tmp_path, strokes, image, mess
     )
     assert code == 2 and message in err and "Traceback" not in err
     assert err.count("\n") == 1 and not (tmp_path / "m.pt").exists()
+
+
+def test_a_missing_labels_file_is_named_once(capsys, tmp_path) -> None:
+    np.save(tmp_path / "image.npy", np.random.default_rng(0).normal(size=(40, 40)))
+    labels = tmp_path / "missing.npy"
+    code, err = _run(capsys, "train", tmp_path / "image.npy", labels, "-o", "m.pt")
+    assert code == 2 and err.count(str(labels)) == 1 and "does not exist" in err
 
 
 def test_train_to_an_unwritable_path_fails_in_one_line(capsys, tmp_path, strokes):
@@ -60,6 +70,33 @@ def test_train_to_an_unwritable_path_fails_in_one_line(capsys, tmp_path, strokes
         "labels.npy",
         "taken",
     ]
+
+
+def test_a_model_too_large_to_write_is_one_line_and_leaves_nothing(tmp_path, strokes):
+    # The kernel refuses writes past 8 KB (RLIMIT_FSIZE), as a full disk refuses
+    # them; torch's own file writer turned that into a RuntimeError traceback.
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "image.npy", rng.normal(size=(40, 40)).astype(np.float32))
+    limited = (
+        "import resource, signal, sys\n"
+        "from napari_dsparse.cli import main\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = ["train", "image.npy", "labels.npy", "-o", "m.pt", "--steps", "2"]
+    done = subprocess.run(
+        [sys.executable, "-c", limited, *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "napari-dsparse train: error: cannot write m.pt: File too large"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.npy", "labels.npy"]
 
 
 def _training_files(tmp_path, strokes):

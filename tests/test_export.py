@@ -180,11 +180,13 @@ def test_model_without_a_format_version(make_classifier, image, tmp_path) -> Non
 def test_a_full_disk_leaves_no_model_file(
     make_classifier, image, tmp_path, monkeypatch
 ) -> None:
-    def full_disk(payload, path) -> None:
-        Path(path).write_bytes(b"partial")
+    write_bytes = Path.write_bytes
+
+    def full_disk(path, data) -> None:
+        write_bytes(path, bytes(data)[:100])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
     with pytest.raises(InputError, match="disk is full"):
         save_classifier(make_classifier(image), tmp_path / "model.pt")
     assert list(tmp_path.iterdir()) == []

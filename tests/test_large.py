@@ -451,6 +451,13 @@ def test_the_training_channel_axis_applies_to_images_laid_out_alike(
             predict_file(two_channels, tmp_path / "planes.npy", tmp_path / "d.tif")
 
 
+def test_an_image_without_planes_is_refused(classifier, tmp_path) -> None:
+    np.save(tmp_path / "empty.npy", np.zeros((0, 20, 20), np.uint16))
+    with pytest.raises(InputError, match="the image has 0 planes"):
+        predict_file(classifier, tmp_path / "empty.npy", tmp_path / "out.tif")
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.npy"]
+
+
 def test_a_grayscale_model_gives_no_channel_hint(classifier, tmp_path) -> None:
     np.save(tmp_path / "empty.npy", np.zeros((0, 5), np.float32))
     with pytest.raises(InputError, match=r"0 x 5 pixels: it has no pixels") as error:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-import napari_dsparse.session as session_module
 from napari_dsparse.data import InputError
 from napari_dsparse.export import load_classifier
 from napari_dsparse.live import LiveSession, Mailbox, iter_live
@@ -112,12 +113,12 @@ def test_saving_is_atomic(rng, tmp_path, monkeypatch) -> None:
     with pytest.raises(TypeError, match="not a plain value"):
         save_session(path, session, labels, settings={"bad": object()})
 
-    def disk_full(_payload, temporary):
+    def disk_full(temporary, _data):
         with open(temporary, "wb") as handle:
             handle.write(b"half a fi")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(session_module.torch, "save", disk_full)
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
     with pytest.raises(InputError, match="disk is full"):
         save_session(path, session, labels)
     assert path.read_bytes() == before

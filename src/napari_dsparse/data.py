@@ -115,6 +115,9 @@ def check_image(image: np.ndarray) -> None:
         raise InputError(
             f"the image is {height} x {width} pixels: it has no pixels to classify"
         )
+    if np.ndim(image) == 4 and 0 in image.shape[:2]:  # (C, Z, Y, X)
+        what = "channels" if image.shape[0] == 0 else "planes"
+        raise InputError(f"the image has 0 {what}: it has no pixels to classify")
 
 
 def check_trainable_image(image: np.ndarray) -> None:

@@ -8,6 +8,7 @@ receptive field, training provenance and the ``state_dict``. Nothing is pickled.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import tempfile
@@ -123,8 +124,22 @@ def save_classifier(
     """
     path = Path(path)
     payload = classifier_to_dict(classifier, snapshot)
-    write_atomically(path, lambda temporary: torch.save(payload, temporary))
+    save_torch_atomically(path, payload)
     return path
+
+
+def save_torch_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` of ``payload`` into ``path`` through :func:`write_atomically`.
+
+    Serialised in memory first: torch's file writer reports a full disk as a
+    ``RuntimeError`` with no reason, where a plain write raises ``OSError``
+    (``ENOSPC``), which becomes a one-line ``WriteError``.
+    """
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomically(
+        path, lambda temporary: Path(temporary).write_bytes(buffer.getbuffer())
+    )
 
 
 def check_output_folder(path: Path, writable: bool = True) -> None:

@@ -29,7 +29,7 @@ from napari_dsparse.export import (
     ModelFileError,
     classifier_to_dict,
     load_classifier,
-    write_atomically,
+    save_torch_atomically,
 )
 from napari_dsparse.faults import Checkpoint
 from napari_dsparse.live import LiveSession
@@ -139,7 +139,7 @@ def save_session(
             if name != session.name
         ],
     }
-    write_atomically(path, lambda temporary: torch.save(payload, temporary))
+    save_torch_atomically(path, payload)
     return path
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,16 +217,26 @@ def _read_pair(
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int | None]]:
     """The image as ``(C, Z, Y, X)``, its labels, and the file's dimensions with the
     channel axis that was given or named in it (``None``: inferred)."""
-    channel_axis = channel_axis_of(image_path, channel_axis)
-    raw = read_array(image_path)
-    image = as_channels_first(raw, channel_axis)  # (C, Z, Y, X)
-    check_trainable_image(image)
-    try:
+    with _naming(image_path):
+        channel_axis = channel_axis_of(image_path, channel_axis)
+        raw = read_array(image_path)
+        image = as_channels_first(raw, channel_axis)  # (C, Z, Y, X)
+        check_trainable_image(image)
+    with _naming(labels_path):
         labels = check_labels(read_labels(labels_path), image.shape[1:])
-    except InputError as error:
-        raise InputError(f"{labels_path}: {error}") from error
     axis = None if channel_axis is None else channel_axis % raw.ndim
     return image, labels, (raw.ndim, axis)
+
+
+@contextlib.contextmanager
+def _naming(path: str | Path) -> Iterator[None]:
+    """Prefix an ``InputError`` with the file it is about, unless it names it."""
+    try:
+        yield
+    except InputError as error:
+        if str(path) in str(error):
+            raise
+        raise InputError(f"{path}: {error}") from error
 
 
 def _shared_channel_axis(
