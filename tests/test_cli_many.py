@@ -143,6 +143,27 @@ def test_predict_a_folder_skips_unreadable_files_and_exits_1(
     assert "predict" in err  # the progress bar
 
 
+def test_a_folder_made_for_results_that_all_failed_is_removed(
+    pairs, model, capsys
+) -> None:
+    (pairs / "broken.tif").write_bytes(b"not a tiff at all")
+    (pairs / "kept").mkdir()  # a folder that was there stays, even if empty
+    for folder in ("new", "kept"):
+        code, out, _ = run(
+            capsys, "predict", model, pairs / "broken.tif", "-o", pairs / folder
+        )
+        assert code == 1 and "0 predicted, 1 failed" in out
+    assert not (pairs / "new").exists() and (pairs / "kept").is_dir()
+
+
+def test_results_for_one_image_into_an_existing_file_of_another_kind(
+    pairs, model, capsys
+) -> None:
+    code, _, err = run(capsys, "predict", model, pairs / "a.tif", "-o", model)
+    assert code == 2 and f"{model} is a file, not a folder" in err
+    assert err.count("\n") == 1
+
+
 def test_predict_a_glob_pattern(pairs, model, capsys) -> None:
     code, out, _ = run(
         capsys, "predict", model, str(pairs / "*.npy"), "-o", pairs / "results"

@@ -177,6 +177,23 @@ def test_model_without_a_format_version(make_classifier, image, tmp_path) -> Non
         load_classifier(tmp_path / "m.pt")
 
 
+def test_a_model_file_whose_weights_do_not_fit_is_one_line(
+    make_classifier, image, tmp_path
+) -> None:
+    path = save_classifier(make_classifier(image), tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["in_channels"] += 2  # the layers then expect 3 channels
+    torch.save(payload, path)
+    with pytest.raises(ModelFileError, match="size mismatch for") as error:
+        load_classifier(path)
+    assert "\n" not in str(error.value)
+    payload["in_channels"] -= 2
+    del payload["normalization"]
+    torch.save(payload, path)
+    with pytest.raises(ModelFileError, match=r"\(no 'normalization'\)"):
+        load_classifier(path)
+
+
 def test_a_full_disk_leaves_no_model_file(
     make_classifier, image, tmp_path, monkeypatch
 ) -> None:

@@ -197,7 +197,10 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--output", "-o", required=True, help="model file to write")
     budget = train.add_mutually_exclusive_group()
     budget.add_argument(
-        "--seconds", type=_positive(float), help="training time (default: 30 s)"
+        "--seconds",
+        type=_positive(float),
+        help="training time (default: 30 s; inf: until Ctrl-C, then the model is "
+        "written)",
     )
     budget.add_argument("--steps", type=_positive(int), help="number of training steps")
     train.add_argument(

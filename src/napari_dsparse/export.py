@@ -216,7 +216,17 @@ def load_classifier(
     try:
         return classifier_from_dict(payload).to(device)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise ModelFileError(f"{path} is not a valid model file ({error})") from error
+        reason = f"no {error}" if isinstance(error, KeyError) else _first_lines(error)
+        raise ModelFileError(f"{path} is not a valid model file ({reason})") from error
+
+
+def _first_lines(error: Exception) -> str:
+    """The first line of ``error``'s message, with the next where it ends in a colon
+    (torch's "Error(s) in loading state_dict for ...:" then the first mismatch)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
 
 
 def classifier_from_dict(payload: dict[str, Any]) -> Classifier:

@@ -344,15 +344,23 @@ def _output_paths(images: Sequence[str | Path], output: Path) -> list[Path]:
         raise InputError(
             f"{len(images)} images need an output folder, not the file {output}"
         )
+    if output.exists() and not output.is_dir():
+        raise InputError(
+            f"{output} is a file, not a folder: give a "
+            f"{', '.join(OUTPUT_SUFFIXES)} file or a folder for the results"
+        )
     return [output / f"{Path(image).stem}.tif" for image in images]
 
 
-def _make_folder(folder: Path) -> None:
-    """Make the output folder and its parents; ``InputError`` if that fails."""
+def _make_folder(folder: Path) -> bool:
+    """Make the output folder and its parents; ``InputError`` if that fails.
+    Returns whether the folder was made (it did not exist)."""
+    existed = folder.is_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"cannot create output folder {folder}: {error}") from error
+    return not existed
 
 
 def _check_distinct(results: list[Path]) -> None:
@@ -470,8 +478,7 @@ def predict_many(
     if one_file:
         check_output_folder(Path(output))  # before the model is loaded
     classifier = load_classifier(model_path, _device(device))
-    if not one_file:
-        _make_folder(Path(output))
+    made = False if one_file else _make_folder(Path(output))
     summary = PredictSummary()
     bar = tqdm(
         total=len(images),
@@ -501,6 +508,9 @@ def predict_many(
                 summary.written.append(classes_path)
                 summary.pixels += pixels
             bar.update()
+    if made and not summary.written:  # every image failed: leave no empty folder
+        with contextlib.suppress(OSError):
+            Path(output).rmdir()
     summary.seconds = time.perf_counter() - start
     return summary
 
