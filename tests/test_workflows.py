@@ -173,8 +173,8 @@ def test_results_of_two_images_never_share_a_file(files, capsys) -> None:
         (inputs / name).write_bytes((files / "image.tif").read_bytes())
     argv = ["predict", files / "m.pt", inputs, "-o", files / "out", "--uncertainty"]
     code, _, err = run(capsys, *argv, "-q")
-    assert code == 2 and "two results would be written to" in err
-    assert "a_uncertainty.tif" in err
+    a, a_uncertainty = inputs / "a.tif", inputs / "a_uncertainty.tif"
+    assert code == 2 and f"of {a} and {a_uncertainty} would both be written" in err
     assert not (files / "out").exists()  # a refused run leaves no empty folder
     (inputs / "a_uncertainty.tif").rename(inputs / "a.npy")  # a.tif and a.npy
     np.save(inputs / "a.npy", np.zeros((8, 8), np.float32))
@@ -183,6 +183,7 @@ def test_results_of_two_images_never_share_a_file(files, capsys) -> None:
     (inputs / "a.npy").rename(inputs / "A.npy")  # one file on macOS and Windows
     code, _, err = run(capsys, *argv[:-1], "-q")
     assert code == 2 and "differ only in case" in err and err.count("\n") == 1
+    assert f"(of {inputs / 'A.npy'})" in err
     assert not (files / "out").exists()
 
 

@@ -363,25 +363,26 @@ def _make_folder(folder: Path) -> bool:
     return not existed
 
 
-def _check_distinct(results: list[Path]) -> None:
-    """``InputError`` if two results would go to one file: inputs of one name
-    (``a.tif``, ``a.png``), ``a_probabilities.tif`` of ``a.tif`` and the classes of
-    an input named ``a_probabilities.tif``, or names that differ only in case
+def _check_distinct(results: list[tuple[Path, Path]]) -> None:
+    """``InputError`` if two ``(result, image)`` would go to one file: inputs of one
+    name (``a.tif``, ``a.png``), ``a_probabilities.tif`` of ``a.tif`` and the classes
+    of an input named ``a_probabilities.tif``, or names that differ only in case
     (``a.tif``, ``A.tif``: one file on macOS and Windows)."""
-    seen: dict[str, Path] = {}
-    for path in results:
-        other = seen.setdefault(str(path).casefold(), path)
+    seen: dict[str, tuple[Path, Path]] = {}
+    for path, image in results:
+        other, other_image = seen.setdefault(str(path).casefold(), (path, image))
         if other is path:
             continue
         if other == path:
             raise InputError(
-                f"two results would be written to {path}; rename one of the inputs "
-                "or predict them into separate folders"
+                f"the results of {other_image} and {image} would both be written to "
+                f"{path}; rename one of the inputs or predict them into separate "
+                "folders"
             )
         raise InputError(
-            f"the results {other} and {path} differ only in case, which macOS and "
-            "Windows take for one file; rename one of the inputs or predict them "
-            "into separate folders"
+            f"the results {other} (of {other_image}) and {path} (of {image}) differ "
+            "only in case, which macOS and Windows take for one file; rename one of "
+            "the inputs or predict them into separate folders"
         )
 
 
@@ -473,7 +474,13 @@ def predict_many(
         path for target in targets for path in result_paths(target, outputs).values()
     ]
     check_not_overwriting(results, [Path(model_path), *images])
-    _check_distinct(results)
+    _check_distinct(
+        [
+            (path, image)
+            for image, target in zip(images, targets, strict=True)
+            for path in result_paths(target, outputs).values()
+        ]
+    )
     one_file = targets == [Path(output)]  # else one result per image in ``output``
     if one_file:
         check_output_folder(Path(output))  # before the model is loaded
