@@ -357,6 +357,44 @@ def test_zarr_results_have_the_shape_of_the_tif_results(
         np.testing.assert_array_equal(result[name][:], expected)
 
 
+@pytest.mark.parametrize(
+    ("axes", "shape", "expected"),
+    [
+        ("TZCYX", (2, 3, 2, 40, 50), "TZYX"),  # an ImageJ hyperstack
+        ("TYX", (3, 40, 50), "TYX"),  # a time-lapse stays one, not planes
+        (None, (3, 40, 50), "ZYX"),  # a plain stack
+        (None, (40, 50), "YX"),
+    ],
+)
+def test_result_tifs_name_their_axes(
+    make_classifier, rng, tmp_path, axes, shape, expected
+) -> None:
+    image = rng.integers(0, 4000, shape, dtype=np.uint16)
+    metadata = {"axes": axes} if axes else None
+    tifffile.imwrite(
+        tmp_path / "in.tif",
+        image,
+        imagej=bool(axes),
+        metadata=metadata,
+        photometric="minisblack",
+    )
+    channel_axis = axes.index("C") if axes and "C" in axes else None
+    classifier = make_classifier(
+        as_channels_first(image, channel_axis), num_classes=3, seed=3
+    )
+    outputs = Outputs(probabilities=True)
+    predict_file(classifier, tmp_path / "in.tif", tmp_path / "out.tif", outputs)
+    for name, named in (
+        ("out.tif", expected),
+        ("out_probabilities.tif", "C" + expected),
+    ):
+        with tifffile.TiffFile(tmp_path / name) as tif:
+            assert tif.is_ome and tif.series[0].axes == named
+            assert tif.series[0].shape == tif.asarray().shape
+    spatial = shape[:2] + shape[3:] if channel_axis == 2 else shape
+    assert tifffile.imread(tmp_path / "out.tif").shape == spatial
+
+
 def test_tiff_samples_other_than_rgb_are_channels(
     make_classifier, picture, tmp_path
 ) -> None:

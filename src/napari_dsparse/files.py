@@ -90,6 +90,19 @@ def channel_axis_of(path: str | Path, given: int | None = None) -> int | None:
     return None
 
 
+def tiff_axes(path: str | Path) -> str:
+    """The axes a TIFF's first series names (``TZCYX``...; tifffile's letters), or
+    ``""`` for other files and unreadable ones."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
+        return ""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tif.series[0].axes if tif.series else ""
+    except Exception:  # unreadable: the reader says why
+        return ""
+
+
 def _zarr_channel_axis(path: Path) -> int | None:
     """The channel axis of an OME-Zarr's multiscales (0.4: typed dicts; 0.3: names)."""
     import zarr

@@ -37,6 +37,7 @@ from napari_dsparse.files import (
     channel_axis_of,
     check_not_overwriting,
     read_picture,
+    tiff_axes,
 )
 from napari_dsparse.interrupts import interrupts_between_steps, stop_if_interrupted
 from napari_dsparse.model import Classifier
@@ -347,7 +348,8 @@ def predict_file(
             if output.name.lower().endswith(".zarr"):
                 _finish_zarr(scratch, output)
             else:
-                _write_tifs(store, targets, tile)
+                axes = _result_axes(image_path, raw.shape, channel_axis, spatial)
+                _write_tifs(store, targets, tile, axes)
     except OSError as error:
         raise WriteError(os_error_message(output, error)) from error
     finally:
@@ -355,13 +357,16 @@ def predict_file(
     return list(targets.values())
 
 
-def _write_tifs(store, targets: dict[str, Path], tile: int) -> None:
+def _write_tifs(
+    store, targets: dict[str, Path], tile: int, axes: str | None = None
+) -> None:
     """Each result as a .tif, the classes last: once they exist, every result is
-    complete. If one cannot be written, those written before it are removed."""
+    complete. If one cannot be written, those written before it are removed.
+    ``axes``: see :func:`_write_tif_from`."""
     written: list[Path] = []
     try:
         for name, target in reversed(targets.items()):
-            _write_tif_from(store[name], target, tile)
+            _write_tif_from(store[name], target, tile, axes)
             written.append(target)
     except BaseException:
         for target in written:
@@ -513,9 +518,19 @@ def _scratch_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.part.zarr")
 
 
-def _write_tif_from(array, target: Path, tile: int) -> None:
-    """Stream a result's zarr array into a tiled (Big)TIFF of its shape, atomically."""
+def _write_tif_from(array, target: Path, tile: int, axes: str | None = None) -> None:
+    """Stream a result's zarr array into a tiled (Big)TIFF of its shape, atomically.
+
+    With the classes' ``axes`` (``TZYX``...) the file is an OME-TIFF that names
+    them, the probabilities' classes as ``C``, so Fiji (Bio-Formats) and tifffile
+    see the time points and planes; without, a plain TIFF of that shape.
+    """
     shape = array.shape
+    if axes is not None:
+        named = axes if array.ndim == len(axes) else "C" + axes
+        options = {"ome": True, "metadata": {"axes": named}}
+    else:
+        options = {}
     tif_tile = next(t for t in (256, 128, 64, 32, 16) if tile % t == 0)
     nbytes = int(np.prod(array.shape)) * array.dtype.itemsize
     write_atomically(
@@ -529,8 +544,32 @@ def _write_tif_from(array, target: Path, tile: int) -> None:
             photometric="minisblack",
             compression="zlib",
             bigtiff=nbytes > 2**31,
+            **options,
         ),
     )
+
+
+def _result_axes(
+    image_path: str | Path,
+    raw_shape: tuple[int, ...],
+    channel_axis: int | None,
+    spatial: tuple[int, ...],
+) -> str | None:
+    """The axes of the classes: those the input TIFF names less its channels (a
+    ``TYX`` time-lapse stays one), else ``YX``, ``ZYX`` or ``TZYX`` by their number;
+    ``None`` for more axes than OME names."""
+    named = tiff_axes(image_path)
+    if len(named) == len(raw_shape) and channel_axis is not None:
+        axis = channel_axis % len(raw_shape)
+        named = named[:axis] + named[axis + 1 :]
+
+    def nameable(axes: str) -> bool:  # as OME names the axes of one result
+        unique = len(set(axes)) == len(axes) == len(spatial)
+        return unique and set(axes) <= set("TZYX") and axes.endswith("YX")
+
+    if not nameable(named):  # none, or tifffile's guesses ("SYX", "QYX"...)
+        named = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(len(spatial), "")
+    return named if nameable(named) else None
 
 
 def _tif_tiles(array, band: int, tif_tile: int) -> Iterator[np.ndarray]:
