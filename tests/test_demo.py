@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tifffile
 
 from napari_dsparse.cli import main
@@ -46,10 +47,15 @@ def test_headless_demo_writes_prediction_and_model(tmp_path, capsys) -> None:
     assert load_classifier(tmp_path / "model.pt").class_names == ("background", "coin")
 
 
-def test_the_demo_without_a_display_says_what_to_do(monkeypatch, capsys) -> None:
+@pytest.mark.parametrize("platform", [None, "xcb", "wayland"])
+def test_the_demo_without_a_display_says_what_to_do(
+    monkeypatch, capsys, platform
+) -> None:
     monkeypatch.setattr("sys.platform", "linux")
     for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
         monkeypatch.delenv(name, raising=False)
+    if platform is not None:
+        monkeypatch.setenv("QT_QPA_PLATFORM", platform)
     assert main(["demo"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "--headless" in error and "xvfb-run" in error

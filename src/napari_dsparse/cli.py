@@ -109,8 +109,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _check_display() -> None:
     """``InputError`` on Linux without a display for Qt, where Qt would abort."""
-    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
-        return  # other systems have one; a chosen platform (offscreen...) needs none
+    platform = (os.environ.get("QT_QPA_PLATFORM") or "xcb").split(":")[0]
+    if not sys.platform.startswith("linux") or platform not in ("xcb", "wayland"):
+        return  # other systems have one; offscreen, vnc, eglfs... need none
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         from napari_dsparse.data import InputError
 
