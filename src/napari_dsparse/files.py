@@ -74,10 +74,8 @@ def channel_axis_of(path: str | Path, given: int | None = None) -> int | None:
         return given
     path = Path(path)
     try:
-        if path.suffix.lower() in (".tif", ".tiff") and path.is_file():
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0] if tif.series else None
-                axes, shape = (series.axes, series.shape) if series else ("", ())
+        if _is_tiff(path):
+            axes, shape = _tiff_series(path)
             if "C" in axes:
                 return axes.index("C")
             if "S" in axes and shape[axes.index("S")] not in (3, 4):  # not RGB(A)
@@ -94,13 +92,21 @@ def tiff_axes(path: str | Path) -> str:
     """The axes a TIFF's first series names (``TZCYX``...; tifffile's letters), or
     ``""`` for other files and unreadable ones."""
     path = Path(path)
-    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
-        return ""
     try:
-        with tifffile.TiffFile(path) as tif:
-            return tif.series[0].axes if tif.series else ""
+        return _tiff_series(path)[0] if _is_tiff(path) else ""
     except Exception:  # unreadable: the reader says why
         return ""
+
+
+def _is_tiff(path: Path) -> bool:
+    return path.suffix.lower() in (".tif", ".tiff") and path.is_file()
+
+
+def _tiff_series(path: Path) -> tuple[str, tuple[int, ...]]:
+    """Axes and shape of a TIFF's first series (``("", ())`` if it has none)."""
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0] if tif.series else None
+        return (series.axes, tuple(series.shape)) if series else ("", ())
 
 
 def _zarr_channel_axis(path: Path) -> int | None:

@@ -470,17 +470,13 @@ def predict_many(
     images = expand_images(sources)
     targets = _output_paths(images, Path(output))
     outputs = Outputs(probabilities=probabilities, uncertainty=uncertainty)
-    results = [
-        path for target in targets for path in result_paths(target, outputs).values()
+    produced = [  # (result, the image it comes from)
+        (path, image)
+        for image, target in zip(images, targets, strict=True)
+        for path in result_paths(target, outputs).values()
     ]
-    check_not_overwriting(results, [Path(model_path), *images])
-    _check_distinct(
-        [
-            (path, image)
-            for image, target in zip(images, targets, strict=True)
-            for path in result_paths(target, outputs).values()
-        ]
-    )
+    check_not_overwriting([path for path, _ in produced], [Path(model_path), *images])
+    _check_distinct(produced)
     one_file = targets == [Path(output)]  # else one result per image in ``output``
     if one_file:
         check_output_folder(Path(output))  # before the model is loaded
