@@ -77,6 +77,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         memory=args.memory,
         scheduler=args.scheduler or args.dask,
     )
+    for line in summary.failure_lines():  # errors on stderr, the totals on stdout
+        print(f"napari-dsparse predict: {line}", file=sys.stderr)
     say(summary.text())
     return 1 if summary.failed else 0
 

@@ -400,15 +400,17 @@ class PredictSummary:
         return len(self.written) + len(self.failed)
 
     def text(self) -> str:
-        """A few lines for the terminal: totals, then one line per failed file."""
+        """The totals in one line: files, predicted, failed, pixels, rate."""
         rate = self.pixels / self.seconds / 1e6 if self.seconds > 0 else 0.0
-        lines = [
+        return (
             f"{self.files} file(s): {len(self.written)} predicted, "
             f"{len(self.failed)} failed; {self.pixels:,} pixels in "
             f"{self.seconds:.1f} s ({rate:.2f} Mpx/s)"
-        ]
-        lines += [f"failed: {path}: {reason}" for path, reason in self.failed]
-        return "\n".join(lines)
+        )
+
+    def failure_lines(self) -> list[str]:
+        """One line per failed file: ``failed: FILE: reason``."""
+        return [f"failed: {path}: {reason}" for path, reason in self.failed]
 
 
 def expand_images(sources: Sequence[str | Path]) -> list[Path]:
