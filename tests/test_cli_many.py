@@ -231,6 +231,29 @@ def test_predict_one_file_shows_its_tiles_progress(pairs, model, capsys) -> None
     assert "file/s" not in err and "predict:" not in err
 
 
+def test_a_memory_budget_below_the_smallest_tile_is_warned_of(
+    pairs, model, capsys
+) -> None:
+    """The budget is exceeded, so say so once, up front; the work still runs."""
+    code, out, err = run(
+        capsys,
+        *("predict", model, pairs / "b.npy", "-o", pairs / "b.tif"),
+        *("--memory", "100KB", "--quiet"),
+    )
+    from napari_dsparse.large import smallest_tile_memory
+
+    classifier = load_classifier(model)
+    need = smallest_tile_memory(classifier) / 2**20
+    assert code == 0 and "1 file(s): 1 predicted" in out
+    assert need > 0.1  # the 100 KB asked for (0.68 MB for ``pixel``)
+    assert err.splitlines() == [
+        "napari-dsparse predict: warning: a memory budget of 0.0977 MB is below "
+        f"the smallest tile's need for this model ({need:.3g} MB for 16 px and its "
+        f"{classifier.halo} px halo); predicting in tiles of 16 px, over the budget"
+    ]
+    assert tifffile.imread(pairs / "b.tif").shape == (60, 150)
+
+
 def test_predict_files_raises_the_first_failure_after_the_others(pairs, model) -> None:
     from napari_dsparse.data import InputError
     from napari_dsparse.workflows import predict_files

@@ -61,6 +61,7 @@ __all__ = [
     "predict_file",
     "resolve_channel_axis",
     "result_paths",
+    "smallest_tile_memory",
     "tile_for_memory",
 ]
 
@@ -227,6 +228,13 @@ def activation_bytes_per_pixel(classifier: Classifier) -> int:
             hook.remove()
     buffers = 3 * classifier.in_channels + 4 * (classifier.num_classes + 2)
     return 4 * (sum(channels) + buffers)
+
+
+def smallest_tile_memory(classifier: Classifier) -> int:
+    """Bytes the smallest tile (``TILE_MULTIPLE`` px and its halo) takes; a budget
+    below it is exceeded, as :func:`tile_for_memory` goes no smaller."""
+    window = TILE_MULTIPLE + 2 * classifier.halo
+    return activation_bytes_per_pixel(classifier) * window**2
 
 
 def tile_for_memory(classifier: Classifier, memory: int) -> int:

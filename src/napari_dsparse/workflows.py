@@ -40,12 +40,14 @@ from napari_dsparse.interrupts import interrupts_between_steps, take_interrupt
 from napari_dsparse.large import (
     DEFAULT_MEMORY,
     OUTPUT_SUFFIXES,
+    TILE_MULTIPLE,
     Outputs,
     open_lazy,
     predict_file,
     progress_bar,
     resolve_channel_axis,
     result_paths,
+    smallest_tile_memory,
 )
 from napari_dsparse.model import Classifier, pick_device
 from napari_dsparse.nets import DEFAULT_PRESET
@@ -457,6 +459,7 @@ def predict_many(
     progress: bool = True,
     memory: int = DEFAULT_MEMORY,
     scheduler: str | None = None,
+    warn: Report | None = None,
 ) -> PredictSummary:
     """Predict every image of ``sources`` (files, folders, globs) into ``output``.
 
@@ -466,7 +469,8 @@ def predict_many(
     (``progress=False`` hides them): one over the files when there are several, and
     one over the tiles of the file being predicted. A file that cannot be read,
     predicted or written (``InputError``) is skipped, gets no output and is listed
-    in the summary's ``failed``; the others go on.
+    in the summary's ``failed``; the others go on. ``warn`` hears, before any
+    work, of a ``memory`` too small for even the smallest tile.
     """
     start = time.perf_counter()
     images = expand_images(sources)
@@ -483,6 +487,8 @@ def predict_many(
     if one_file:
         check_output_folder(Path(output))  # before the model is loaded
     classifier = load_classifier(model_path, _device(device))
+    if warn is not None and memory < smallest_tile_memory(classifier):
+        warn(_memory_warning(memory, classifier))
     made = False if one_file else _make_folder(Path(output))
     summary = PredictSummary()
     bar = tqdm(
@@ -518,6 +524,17 @@ def predict_many(
             Path(output).rmdir()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _memory_warning(memory: int, classifier: Classifier) -> str:
+    """Why a ``memory`` budget will be exceeded, and by how much at least."""
+    need = smallest_tile_memory(classifier)
+    return (
+        f"a memory budget of {memory / 2**20:.3g} MB is below the smallest tile's "
+        f"need for this model ({need / 2**20:.3g} MB for {TILE_MULTIPLE} px and its "
+        f"{classifier.halo} px halo); predicting in tiles of {TILE_MULTIPLE} px, "
+        "over the budget"
+    )
 
 
 def _pixels(classifier: Classifier, image_path: Path, channel_axis: int | None) -> int:
