@@ -8,6 +8,7 @@ import tifffile
 
 from napari_dsparse.cli import main
 from napari_dsparse.export import load_classifier
+from napari_dsparse.large import smallest_tile_memory
 from napari_dsparse.samples import coins_sample
 
 
@@ -240,8 +241,6 @@ def test_a_memory_budget_below_the_smallest_tile_is_warned_of(
         *("predict", model, pairs / "b.npy", "-o", pairs / "b.tif"),
         *("--memory", "100KB", "--quiet"),
     )
-    from napari_dsparse.large import smallest_tile_memory
-
     classifier = load_classifier(model)
     need = smallest_tile_memory(classifier) / 2**20
     assert code == 0 and "1 file(s): 1 predicted" in out
