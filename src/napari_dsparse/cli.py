@@ -76,16 +76,16 @@ def _run_predict(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         memory=args.memory,
         scheduler=args.scheduler or args.dask,
-        warn=_warn_predict,
+        warn=lambda text: _predict_to_stderr(f"warning: {text}"),
     )
     for line in summary.failure_lines():  # errors on stderr, the totals on stdout
-        print(f"napari-dsparse predict: {line}", file=sys.stderr)
+        _predict_to_stderr(line)
     say(summary.text())
     return 1 if summary.failed else 0
 
 
-def _warn_predict(text: str) -> None:
-    print(f"napari-dsparse predict: warning: {text}", file=sys.stderr, flush=True)
+def _predict_to_stderr(line: str) -> None:
+    print(f"napari-dsparse predict: {line}", file=sys.stderr, flush=True)
 
 
 def _run_export(args: argparse.Namespace) -> int:

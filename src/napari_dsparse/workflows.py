@@ -487,8 +487,10 @@ def predict_many(
     if one_file:
         check_output_folder(Path(output))  # before the model is loaded
     classifier = load_classifier(model_path, _device(device))
-    if warn is not None and memory < smallest_tile_memory(classifier):
-        warn(_memory_warning(memory, classifier))
+    if warn is not None:
+        need = smallest_tile_memory(classifier)
+        if memory < need:
+            warn(_memory_warning(memory, need, classifier.halo))
     made = False if one_file else _make_folder(Path(output))
     summary = PredictSummary()
     bar = tqdm(
@@ -526,14 +528,12 @@ def predict_many(
     return summary
 
 
-def _memory_warning(memory: int, classifier: Classifier) -> str:
-    """Why a ``memory`` budget will be exceeded, and by how much at least."""
-    need = smallest_tile_memory(classifier)
+def _memory_warning(memory: int, need: int, halo: int) -> str:
+    """Why a ``memory`` budget below the smallest tile's ``need`` will be exceeded."""
     return (
         f"a memory budget of {memory / 2**20:.3g} MB is below the smallest tile's "
         f"need for this model ({need / 2**20:.3g} MB for {TILE_MULTIPLE} px and its "
-        f"{classifier.halo} px halo); predicting in tiles of {TILE_MULTIPLE} px, "
-        "over the budget"
+        f"{halo} px halo); predicting in tiles of {TILE_MULTIPLE} px, over the budget"
     )
 
 
