@@ -149,6 +149,28 @@ def test_predict_a_folder_skips_unreadable_files_and_exits_1(
     assert "predict" in err  # the progress bar
 
 
+def test_predict_arrays_named_inside_a_zarr_store(pairs, model, capsys) -> None:
+    """``store.zarr/name`` picks one of several arrays; its results are named after
+    the store and the array; the store alone fails in one line that names them."""
+    import zarr
+
+    store = pairs / "plate.zarr"
+    root = zarr.open_group(str(store), mode="w")
+    first = tifffile.imread(pairs / "a.tif")
+    root.create_array("raw", data=first)
+    root.create_array("mask", data=(first > first.mean()).astype(np.uint8))
+    results = pairs / "results"
+    code, out, err = run(capsys, "predict", model, store / "raw", store, "-o", results)
+    assert code == 1 and "2 file(s): 1 predicted, 1 failed" in out
+    assert sorted(p.name for p in results.iterdir()) == ["plate_raw.tif"]
+    assert tifffile.imread(results / "plate_raw.tif").shape == first.shape
+    failures = [line for line in err.splitlines() if "failed:" in line]
+    assert failures == [
+        f"napari-dsparse predict: failed: {store}: {store} holds 2 arrays (mask, raw) "
+        f"and no multiscales metadata: name the one to read, such as {store / 'mask'}"
+    ]
+
+
 def test_a_folder_made_for_results_that_all_failed_is_removed(
     pairs, model, capsys
 ) -> None:

@@ -295,9 +295,12 @@ def _hyperstack(kind: str, series: np.ndarray, folder: Path) -> Path:
     elif kind == "OME-TIFF":
         path = folder / "series.ome.tif"
         tifffile.imwrite(path, series, metadata={"axes": "TZCYX"})
-    else:  # OME-Zarr 0.4: typed axes
+    else:  # OME-Zarr 0.4: typed axes; bioformats2raw: as its series "0"
         path = folder / "series.ome.zarr"
         group = zarr.open_group(str(path), mode="w")
+        if kind == "bioformats2raw":
+            group.attrs["bioformats2raw.layout"] = 3
+            group = group.create_group("0")
         group.create_array("0", data=series, chunks=(1, 1, 2, 32, 32))
         names = [("t", "time"), ("z", "space"), ("c", "channel")]
         names += [("y", "space"), ("x", "space")]
@@ -308,7 +311,54 @@ def _hyperstack(kind: str, series: np.ndarray, folder: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["ImageJ TIFF", "OME-TIFF", "OME-Zarr"])
+def _bioformats2raw(path: Path, series: list[np.ndarray]) -> None:
+    """bioformats2raw's layout: a root group naming it, one OME-Zarr group per
+    series (``0``, ``1``...), each with its own multiscales."""
+    root = zarr.open_group(str(path), mode="w")
+    root.attrs["bioformats2raw.layout"] = 3
+    for index, image in enumerate(series):
+        group = root.create_group(str(index))
+        group.create_array("0", data=image, chunks=(32, 32))
+        group.create_array("1", data=image[::2, ::2], chunks=(32, 32))
+        group.attrs["multiscales"] = [
+            {"version": "0.4", "datasets": [{"path": "0"}, {"path": "1"}]}
+        ]
+
+
+def test_zarr_groups_give_the_array_they_hold(picture, tmp_path) -> None:
+    """One array without metadata is read; bioformats2raw gives its first series'
+    full resolution; an array inside a store is named by its path."""
+    one = tmp_path / "one.zarr"
+    zarr.open_group(str(one), mode="w").create_array("raw", data=picture)
+    np.testing.assert_array_equal(open_lazy(one).compute(), picture)
+    converted = tmp_path / "converted.zarr"
+    _bioformats2raw(converted, [picture, picture[::-1]])
+    np.testing.assert_array_equal(open_lazy(converted).compute(), picture)
+    second = open_lazy(converted / "1").compute()
+    np.testing.assert_array_equal(second, picture[::-1])
+    np.testing.assert_array_equal(open_lazy(converted / "1" / "1"), picture[::-2, ::2])
+
+
+@pytest.mark.parametrize("kind", ["arrays", "groups"])
+def test_a_zarr_group_of_several_images_asks_which(picture, tmp_path, kind) -> None:
+    """Several arrays (or groups) and no multiscales: an error that names them and
+    the path to give, not the alphabetically first one read silently."""
+    path = tmp_path / "several.zarr"
+    root = zarr.open_group(str(path), mode="w")
+    for name in ("raw", "mask"):
+        holder = root if kind == "arrays" else root.create_group(name)
+        holder.create_array(name if kind == "arrays" else "0", data=picture)
+    with pytest.raises(InputError) as raised:
+        open_lazy(path)
+    assert f"holds 2 {kind} (mask, raw)" in str(raised.value)
+    assert str(path / "mask") in str(raised.value)
+    named = open_lazy(path / "raw").compute()
+    np.testing.assert_array_equal(named, picture)
+
+
+@pytest.mark.parametrize(
+    "kind", ["ImageJ TIFF", "OME-TIFF", "OME-Zarr", "bioformats2raw"]
+)
 def test_channels_named_in_the_file_need_no_channel_axis(
     make_classifier, picture, tmp_path, kind
 ) -> None:

@@ -1,9 +1,11 @@
-"""Reading images and labels, writing results: .tif/.tiff, .npy and .png."""
+"""Reading images and labels, writing results: .tif/.tiff, .npy and .png; finding
+the image in a zarr store."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
@@ -11,16 +13,21 @@ import tifffile
 from napari_dsparse.data import InputError
 from napari_dsparse.export import write_atomically
 
+if TYPE_CHECKING:
+    import zarr
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "PICTURE_SUFFIXES",
     "channel_axis_of",
     "check_not_overwriting",
     "check_pairs_distinct",
+    "is_zarr",
     "read_array",
     "read_labels",
     "read_picture",
     "write_tif",
+    "zarr_image",
 ]
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # read whole, by scikit-image
@@ -81,7 +88,7 @@ def channel_axis_of(path: str | Path, given: int | None = None) -> int | None:
             if "S" in axes and shape[axes.index("S")] not in (3, 4):  # not RGB(A)
                 return axes.index("S")
             return None
-        if path.name.lower().endswith(".zarr") and path.is_dir():
+        if is_zarr(path):
             return _zarr_channel_axis(path)
     except Exception:  # unreadable: the reader that follows says why
         return None
@@ -109,13 +116,64 @@ def _tiff_series(path: Path) -> tuple[str, tuple[int, ...]]:
         return (series.axes, tuple(series.shape)) if series else ("", ())
 
 
-def _zarr_channel_axis(path: Path) -> int | None:
-    """The channel axis of an OME-Zarr's multiscales (0.4: typed dicts; 0.3: names)."""
+def is_zarr(path: Path) -> bool:
+    """A zarr store (a folder named ``*.zarr``) or a group or array inside one
+    (``plate.zarr/raw``)."""
+    return path.is_dir() and any(part.lower().endswith(".zarr") for part in path.parts)
+
+
+def zarr_image(path: str | Path) -> tuple[zarr.Array, list]:
+    """The full-resolution array of the zarr store at ``path``, with the axes its
+    multiscales metadata names (``[]`` if none).
+
+    An array is itself; an OME-Zarr (or other) group with ``multiscales`` gives its
+    first dataset; a group with one array, that array; a bioformats2raw store (or a
+    group holding one group and no array), its first series. A group holding several
+    arrays (or groups) and no multiscales is an ``InputError`` that names them: pass
+    one as ``store.zarr/name``.
+    """
     import zarr
 
-    attrs = zarr.open(str(path), mode="r").attrs
-    multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-    axes = (multiscales or [{}])[0].get("axes", [])
+    path = Path(path)
+    node = zarr.open(str(path), mode="r")
+    while isinstance(node, zarr.Group):
+        multiscales = _multiscales(node.attrs)
+        if multiscales:
+            level = multiscales[0]["datasets"][0]["path"]
+            return node[level], multiscales[0].get("axes", [])
+        child = _zarr_child(node, path)
+        node, path = node[child], path / child
+    return node, []
+
+
+def _zarr_child(group: zarr.Group, path: Path) -> str:
+    """The one array or group to read in a group without multiscales metadata."""
+    arrays = sorted(name for name, _ in group.arrays())
+    if len(arrays) == 1:
+        return arrays[0]
+    groups = sorted(name for name, _ in group.groups())
+    if not arrays:
+        if "bioformats2raw.layout" in group.attrs and "0" in groups:
+            return "0"  # the first series, as a TIFF's first series is read
+        if len(groups) == 1:
+            return groups[0]
+    choices, kind = (arrays, "arrays") if arrays else (groups, "groups")
+    if not choices:
+        raise InputError(f"{path} is a zarr group without arrays")
+    raise InputError(
+        f"{path} holds {len(choices)} {kind} ({', '.join(choices)}) and no "
+        f"multiscales metadata: name the one to read, such as {path / choices[0]}"
+    )
+
+
+def _multiscales(attrs) -> list:
+    """OME-Zarr multiscales metadata (0.4 at the top, 0.5 under ``ome``), or []."""
+    return attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales") or []
+
+
+def _zarr_channel_axis(path: Path) -> int | None:
+    """The channel axis of an OME-Zarr's multiscales (0.4: typed dicts; 0.3: names)."""
+    _, axes = zarr_image(path)
     for index, axis in enumerate(axes):
         named = axis if isinstance(axis, str) else axis.get("name")
         if (isinstance(axis, dict) and axis.get("type") == "channel") or named == "c":

@@ -36,8 +36,10 @@ from napari_dsparse.files import (
     PICTURE_SUFFIXES,
     channel_axis_of,
     check_not_overwriting,
+    is_zarr,
     read_picture,
     tiff_axes,
+    zarr_image,
 )
 from napari_dsparse.interrupts import interrupts_between_steps, stop_if_interrupted
 from napari_dsparse.model import Classifier
@@ -110,7 +112,8 @@ def parse_memory(text: str) -> int:
 def open_lazy(path: str | Path) -> da.Array:
     """The image at ``path`` as a dask array that reads only what is sliced."""
     path = Path(path)
-    suffix = ".zarr" if path.name.lower().endswith(".zarr") else path.suffix.lower()
+    zarr_store = is_zarr(path) or path.name.lower().endswith(".zarr")
+    suffix = ".zarr" if zarr_store else path.suffix.lower()
     if not path.exists():
         raise InputError(f"{path} does not exist")
     if suffix not in LAZY_SUFFIXES:
@@ -171,22 +174,8 @@ class TiffRegions:
 
 
 def _open_zarr(path: Path) -> da.Array:
-    """A zarr array, or the full-resolution array of an OME-Zarr (or other) group."""
-    import zarr
-
-    node = zarr.open(str(path), mode="r")
-    if isinstance(node, zarr.Group):
-        multiscales = node.attrs.get("multiscales") or node.attrs.get("ome", {}).get(
-            "multiscales"
-        )
-        if multiscales:
-            node = node[multiscales[0]["datasets"][0]["path"]]
-        else:
-            arrays = sorted(name for name, _ in node.arrays())
-            if not arrays:
-                raise InputError(f"{path} is a zarr group without arrays")
-            node = node[arrays[0]]
-    return da.from_zarr(node)
+    """The full-resolution array of a zarr store (:func:`files.zarr_image`)."""
+    return da.from_zarr(zarr_image(path)[0])
 
 
 def _row_chunks(array: np.ndarray) -> tuple[int, ...]:

@@ -33,6 +33,7 @@ from napari_dsparse.files import (
     channel_axis_of,
     check_not_overwriting,
     check_pairs_distinct,
+    is_zarr,
     read_array,
     read_labels,
 )
@@ -351,7 +352,18 @@ def _output_paths(images: Sequence[str | Path], output: Path) -> list[Path]:
             f"{output} is a file, not a folder: give a "
             f"{', '.join(OUTPUT_SUFFIXES)} file or a folder for the results"
         )
-    return [output / f"{Path(image).stem}.tif" for image in images]
+    return [output / f"{_result_stem(Path(image))}.tif" for image in images]
+
+
+def _result_stem(image: Path) -> str:
+    """The name of an image's results: its stem, and for an array or group inside a
+    zarr store the store's stem and the path in it (``plate.zarr/A/1``: plate_A_1)."""
+    parts = image.parts
+    stores = [i for i, part in enumerate(parts[:-1]) if part.lower().endswith(".zarr")]
+    if not stores:
+        return image.stem
+    store = stores[0]
+    return "_".join([Path(parts[store]).stem, *parts[store + 1 :]])
 
 
 def _make_folder(folder: Path) -> bool:
@@ -426,7 +438,7 @@ def expand_images(sources: Sequence[str | Path]) -> list[Path]:
     images: list[Path] = []
     for source in map(str, sources):
         path = Path(source)
-        if path.is_dir() and not _is_zarr(path):
+        if path.is_dir() and not is_zarr(path):
             images += sorted(p for p in path.iterdir() if _is_image(p))
         elif not path.exists() and any(c in source for c in "*?["):
             images += sorted(Path(p) for p in glob.glob(source) if _is_image(Path(p)))
@@ -437,14 +449,10 @@ def expand_images(sources: Sequence[str | Path]) -> list[Path]:
     return list(dict.fromkeys(images))  # each file once, in order
 
 
-def _is_zarr(path: Path) -> bool:
-    return path.name.lower().endswith(".zarr")
-
-
 def _is_image(path: Path) -> bool:
     """An image file (by suffix) or a zarr store (a folder ending in ``.zarr``)."""
     if path.is_dir():
-        return _is_zarr(path)
+        return is_zarr(path)
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
