@@ -76,16 +76,17 @@ def _run_predict(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         memory=args.memory,
         scheduler=args.scheduler or args.dask,
-        warn=lambda text: _predict_to_stderr(f"warning: {text}"),
+        warn=lambda text: _to_stderr("predict", f"warning: {text}"),
     )
     for line in summary.failure_lines():  # errors on stderr, the totals on stdout
-        _predict_to_stderr(line)
+        _to_stderr("predict", line)
     say(summary.text())
     return 1 if summary.failed else 0
 
 
-def _predict_to_stderr(line: str) -> None:
-    print(f"napari-dsparse predict: {line}", file=sys.stderr, flush=True)
+def _to_stderr(command: str, line: str) -> None:
+    """``line`` on stderr as ``napari-dsparse COMMAND: line``."""
+    print(f"napari-dsparse {command}: {line}", file=sys.stderr, flush=True)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -385,19 +386,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except TrainingDiverged as error:
         reason = f"training diverged ({error.reason}); no model was written"
-        print(f"napari-dsparse {args.command}: error: {reason}", file=sys.stderr)
+        _to_stderr(args.command, f"error: {reason}")
         return 1
     except WriteError as error:  # an output the system refuses to write
-        print(f"napari-dsparse {args.command}: error: {error}", file=sys.stderr)
+        _to_stderr(args.command, f"error: {error}")
         return 1
     except InputError as error:
-        print(f"napari-dsparse {args.command}: error: {error}", file=sys.stderr)
+        _to_stderr(args.command, f"error: {error}")
         return 2
     except OSError as error:  # e.g. an output path that is a folder, a full disk
-        print(f"napari-dsparse {args.command}: error: {error}", file=sys.stderr)
+        _to_stderr(args.command, f"error: {error}")
         return 1
     except KeyboardInterrupt:
-        print(f"napari-dsparse {args.command}: interrupted", file=sys.stderr)
+        _to_stderr(args.command, "interrupted")
         return 130
 
 
