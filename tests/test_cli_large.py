@@ -21,6 +21,12 @@ from napari_dsparse.predict import labels_and_uncertainty, predict_proba
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
+def _console_sigint() -> None:
+    """Ctrl-C as a console gives it: a shell's background job (``make test &``)
+    starts with SIGINT ignored, and Python keeps that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def image(rng) -> np.ndarray:
     return rng.integers(0, 4000, (90, 110), dtype=np.uint16)
@@ -80,7 +86,13 @@ def test_ctrl_c_stops_promptly_and_leaves_no_output(model, rng, tmp_path) -> Non
     command += [str(tmp_path / "big.npy"), "-o", str(tmp_path / "out.tif")]
     command += ["--memory", "4MB", "-q", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": SRC}
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_console_sigint,
+    )
     scratch = tmp_path / ".out.tif.part.zarr"
     deadline = time.monotonic() + 60
     while not scratch.exists() and time.monotonic() < deadline:
@@ -107,7 +119,12 @@ def test_ctrl_c_stops_training_and_writes_the_model(image, tmp_path) -> None:
     command += ["-o", str(tmp_path / "model.pt"), "--seconds", "120", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": SRC, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_console_sigint,
     )
     while not process.stdout.readline().startswith("step"):
         assert process.poll() is None, process.stderr.read()
