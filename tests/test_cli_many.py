@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from napari_dsparse.cli import main
 from napari_dsparse.export import load_classifier
@@ -169,6 +170,38 @@ def test_predict_arrays_named_inside_a_zarr_store(pairs, model, capsys) -> None:
         f"napari-dsparse predict: failed: {store}: {store} holds 2 arrays (mask, raw) "
         f"and no multiscales metadata: name the one to read, such as {store / 'mask'}"
     ]
+
+
+def test_train_on_an_ome_zarr_and_its_labels(pairs, capsys) -> None:
+    """An OME-Zarr image and the labels stored in it (``labels/NAME``) train as the
+    same pixels in .tif and .npy files do."""
+    import zarr
+
+    image = tifffile.imread(pairs / "a.tif")
+    labels = np.load(pairs / "a_labels.npy")
+    store = pairs / "a.ome.zarr"
+    root = zarr.open_group(str(store), mode="w")
+    root.create_array("0", data=image, chunks=(32, 32))
+    root.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0"}]}]
+    scribbles = root.create_group("labels").create_group("scribbles")
+    scribbles.create_array("0", data=labels, chunks=(32, 32))
+    scribbles.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0"}]}]
+    for name, pair in (
+        ("zarr.pt", (store, store / "labels" / "scribbles")),
+        ("files.pt", (pairs / "a.tif", pairs / "a_labels.npy")),
+    ):
+        code, _, err = run(
+            capsys, "train", *pair, "-o", pairs / name, "--steps", "3", "--seed", "1"
+        )
+        assert code == 0, err
+    from_zarr = load_classifier(pairs / "zarr.pt")
+    from_files = load_classifier(pairs / "files.pt")
+    for left, right in zip(
+        from_zarr.patch_net.state_dict().values(),
+        from_files.patch_net.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(left, right)
 
 
 def test_a_folder_made_for_results_that_all_failed_is_removed(

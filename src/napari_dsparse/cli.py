@@ -185,7 +185,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "must agree.",
     )
     train.add_argument(
-        "image", nargs="?", help="image file (.tif, .tiff, .npy, .png, .jpg)"
+        "image", nargs="?", help="image file (.tif, .tiff, .npy, .png, .jpg) or .zarr"
     )
     train.add_argument("labels", nargs="?", help="labels: 0 unpainted, 1..K classes")
     train.add_argument(

@@ -35,15 +35,18 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".npy", *PICTURE_SUFFIXES)
 
 
 def read_array(path: str | Path) -> np.ndarray:
-    """Read an image or label file; ``InputError`` says why if impossible."""
+    """Read an image or label file, or a zarr store's image (:func:`zarr_image`),
+    into memory; ``InputError`` says why if impossible."""
     path = Path(path)
+    if is_zarr(path):
+        return _read_zarr(path)
     if not path.is_file():
         raise InputError(f"{path} does not exist")
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         raise InputError(
             f"{path}: unsupported file type {suffix!r} "
-            f"(use {', '.join(IMAGE_SUFFIXES)})"
+            f"(use {', '.join(IMAGE_SUFFIXES)} or a .zarr store)"
         )
     try:
         if suffix in (".tif", ".tiff"):
@@ -51,6 +54,15 @@ def read_array(path: str | Path) -> np.ndarray:
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
         return read_picture(path)
+    except Exception as error:
+        raise InputError(f"cannot read {path}: {error}") from error
+
+
+def _read_zarr(path: Path) -> np.ndarray:
+    try:
+        return np.asarray(zarr_image(path)[0])
+    except InputError:
+        raise
     except Exception as error:
         raise InputError(f"cannot read {path}: {error}") from error
 
