@@ -356,6 +356,15 @@ def test_a_zarr_group_of_several_images_asks_which(picture, tmp_path, kind) -> N
     np.testing.assert_array_equal(named, picture)
 
 
+def test_a_multiscales_dataset_the_store_lacks_is_named(picture, tmp_path) -> None:
+    path = tmp_path / "broken.ome.zarr"
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("0", data=picture)
+    group.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "s0"}]}]
+    with pytest.raises(InputError, match="names the dataset 's0', which the store"):
+        open_lazy(path)
+
+
 @pytest.mark.parametrize(
     "kind", ["ImageJ TIFF", "OME-TIFF", "OME-Zarr", "bioformats2raw"]
 )

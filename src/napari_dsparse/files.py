@@ -152,6 +152,11 @@ def zarr_image(path: str | Path) -> tuple[zarr.Array, list]:
         multiscales = _multiscales(node.attrs)
         if multiscales:
             level = multiscales[0]["datasets"][0]["path"]
+            if level not in node:
+                raise InputError(
+                    f"{path}: its multiscales metadata names the dataset {level!r}, "
+                    "which the store does not hold"
+                )
             return node[level], multiscales[0].get("axes", [])
         child = _zarr_child(node, path)
         node, path = node[child], path / child
