@@ -104,6 +104,22 @@ def test_many_tiles_equal_one_whole_pass(kind, picture, classifier, tmp_path) ->
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+@pytest.mark.parametrize("preset", ["pixel", "fast", "wide"])
+def test_tiles_stop_shrinking_at_the_smallest_tile_need(
+    make_classifier, picture, preset
+) -> None:
+    """Below ``smallest_tile_memory`` (what ``predict --memory`` warns of) no budget
+    gives a smaller tile; above it tiles grow in steps of 16 px, for every preset."""
+    classifier = make_classifier(as_channels_first(picture), preset=preset)
+    need = large.smallest_tile_memory(classifier)
+    assert tile_for_memory(classifier, need) == large.TILE_MULTIPLE
+    assert tile_for_memory(classifier, need // 10) == large.TILE_MULTIPLE
+    window = 2 * large.TILE_MULTIPLE + 2 * classifier.halo
+    next_need = large.activation_bytes_per_pixel(classifier) * window**2
+    assert tile_for_memory(classifier, next_need - 1) == large.TILE_MULTIPLE
+    assert tile_for_memory(classifier, next_need) == 2 * large.TILE_MULTIPLE
+
+
 def test_the_small_budget_really_makes_many_tiles(classifier, picture) -> None:
     tile = tile_for_memory(classifier, SMALL_MEMORY)
     assert tile % 16 == 0
