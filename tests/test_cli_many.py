@@ -172,6 +172,21 @@ def test_predict_arrays_named_inside_a_zarr_store(pairs, model, capsys) -> None:
     ]
 
 
+def test_results_never_replace_the_store_that_holds_the_input(
+    pairs, model, capsys
+) -> None:
+    """A .zarr output is replaced whole, so it must not be the input's own store."""
+    import zarr
+
+    store = pairs / "plate.zarr"
+    first = tifffile.imread(pairs / "a.tif")
+    zarr.open_group(str(store), mode="w").create_array("raw", data=first)
+    code, _, err = run(capsys, "predict", model, store / "raw", "-o", store)
+    assert code == 2
+    assert f"the output {store} would overwrite the input {store / 'raw'}" in err
+    np.testing.assert_array_equal(zarr.open_array(str(store / "raw"))[:], first)
+
+
 def test_train_on_an_ome_zarr_and_its_labels(pairs, capsys) -> None:
     """An OME-Zarr image and the labels stored in it (``labels/NAME``) train as the
     same pixels in .tif and .npy files do."""

@@ -238,11 +238,20 @@ def check_not_overwriting(outputs: Iterable[Path], inputs: Iterable[Path]) -> No
     """``InputError`` if writing one of ``outputs`` would replace one of ``inputs``.
 
     Files are compared by identity (device and inode), so another spelling of the
-    same path, a symbolic link or a hard link counts as the same file.
+    same path, a symbolic link or a hard link counts as the same file. An output
+    folder (a zarr store, which is replaced whole) that holds an input counts too:
+    ``predict m.pt s.zarr/raw -o s.zarr`` would delete ``raw``.
     """
-    sources = {_identity(path): path for path in map(Path, inputs) if path.exists()}
+    existing = [path for path in map(Path, inputs) if path.exists()]
+    sources = {_identity(path): path for path in existing}
     for output in map(Path, outputs):
-        source = sources.get(_identity(output)) if output.exists() else None
+        if not output.exists():
+            continue
+        source = sources.get(_identity(output))
+        if source is None and output.is_dir():
+            folder = output.resolve()
+            inside = (p for p in existing if p.resolve().is_relative_to(folder))
+            source = next(inside, None)
         if source is not None:
             raise InputError(
                 f"the output {output} would overwrite the input {source}; "
