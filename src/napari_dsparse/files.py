@@ -239,8 +239,8 @@ def check_not_overwriting(outputs: Iterable[Path], inputs: Iterable[Path]) -> No
 
     Files are compared by identity (device and inode), so another spelling of the
     same path, a symbolic link or a hard link counts as the same file. An output
-    folder (a zarr store, which is replaced whole) that holds an input counts too:
-    ``predict m.pt s.zarr/raw -o s.zarr`` would delete ``raw``.
+    zarr store (replaced whole) that holds an input counts too: ``predict m.pt
+    s.zarr/raw -o s.zarr`` would delete ``raw``.
     """
     existing = [path for path in map(Path, inputs) if path.exists()]
     sources = {_identity(path): path for path in existing}
@@ -248,7 +248,7 @@ def check_not_overwriting(outputs: Iterable[Path], inputs: Iterable[Path]) -> No
         if not output.exists():
             continue
         source = sources.get(_identity(output))
-        if source is None and output.is_dir():
+        if source is None and is_zarr(output):
             folder = output.resolve()
             inside = (p for p in existing if p.resolve().is_relative_to(folder))
             source = next(inside, None)
