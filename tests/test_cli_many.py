@@ -302,6 +302,26 @@ def test_predict_one_file_shows_its_tiles_progress(pairs, model, capsys) -> None
     assert "file/s" not in err and "predict:" not in err
 
 
+def test_a_tiff_of_several_series_warns_that_only_the_first_is_predicted(
+    pairs, model, capsys
+) -> None:
+    """A multi-position TIFF (or a slide with thumbnail and label images) holds more
+    than one image; predicting only the first must not go unsaid."""
+    first = tifffile.imread(pairs / "a.tif")
+    path = pairs / "positions.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(first)
+        tif.write(first[:40, :50])
+        tif.write(first[:30, :20])
+    code, out, err = run(capsys, "predict", model, path, "-o", pairs / "p.tif", "-q")
+    assert code == 0 and "1 file(s): 1 predicted" in out
+    assert err.splitlines() == [
+        f"napari-dsparse predict: warning: {path} holds 3 image series; only the "
+        "first is predicted, not series 1 (40 x 50), series 2 (30 x 20)"
+    ]
+    assert tifffile.imread(pairs / "p.tif").shape == first.shape
+
+
 def test_a_memory_budget_below_the_smallest_tile_is_warned_of(
     pairs, model, capsys
 ) -> None:

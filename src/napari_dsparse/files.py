@@ -23,6 +23,7 @@ __all__ = [
     "check_not_overwriting",
     "check_pairs_distinct",
     "is_zarr",
+    "other_tiff_series",
     "read_array",
     "read_labels",
     "read_picture",
@@ -115,6 +116,24 @@ def tiff_axes(path: str | Path) -> str:
         return _tiff_series(path)[0] if _is_tiff(path) else ""
     except Exception:  # unreadable: the reader says why
         return ""
+
+
+def other_tiff_series(path: str | Path) -> list[str]:
+    """The series of a TIFF after the first, which the readers here skip, each as
+    its name (or number) and shape; ``[]`` for other files and unreadable ones."""
+    path = Path(path)
+    try:
+        if not _is_tiff(path):
+            return []
+        with tifffile.TiffFile(path) as tif:
+            return [
+                f"{series.name or f'series {index}'} "
+                f"({' x '.join(map(str, series.shape))})"
+                for index, series in enumerate(tif.series)
+                if index > 0
+            ]
+    except Exception:  # unreadable: the reader says why
+        return []
 
 
 def _is_tiff(path: Path) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from napari_dsparse.files import (
     check_not_overwriting,
     check_pairs_distinct,
     is_zarr,
+    other_tiff_series,
     read_array,
     read_labels,
 )
@@ -478,7 +480,8 @@ def predict_many(
     one over the tiles of the file being predicted. A file that cannot be read,
     predicted or written (``InputError``) is skipped, gets no output and is listed
     in the summary's ``failed``; the others go on. ``warn`` hears, before any
-    work, of a ``memory`` too small for even the smallest tile.
+    work, of a ``memory`` too small for even the smallest tile, and of each TIFF
+    whose series after the first are not predicted.
     """
     start = time.perf_counter()
     images = expand_images(sources)
@@ -510,6 +513,10 @@ def predict_many(
     with bar:
         for image_path, classes_path in zip(images, targets, strict=True):
             bar.set_postfix_str(image_path.name, refresh=False)
+            skipped = other_tiff_series(image_path) if warn is not None else []
+            if skipped:
+                with tqdm.external_write_mode(file=sys.stderr):
+                    warn(_series_warning(image_path, skipped))
             try:
                 with progress_bar(image_path.name, progress) as tiles:
                     predict_file(
@@ -534,6 +541,14 @@ def predict_many(
             Path(output).rmdir()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _series_warning(image: Path, skipped: list[str]) -> str:
+    """That only the first of a TIFF's image series is predicted."""
+    return (
+        f"{image} holds {len(skipped) + 1} image series; only the first is "
+        f"predicted, not {', '.join(skipped)}"
+    )
 
 
 def _memory_warning(memory: int, need: int, halo: int) -> str:
