@@ -361,10 +361,10 @@ def _result_stem(image: Path) -> str:
     """The name of an image's results: its stem, and for an array or group inside a
     zarr store the store's stem and the path in it (``plate.zarr/A/1``: plate_A_1)."""
     parts = image.parts
-    stores = [i for i, part in enumerate(parts[:-1]) if part.lower().endswith(".zarr")]
-    if not stores:
+    in_store = (i for i, p in enumerate(parts[:-1]) if p.lower().endswith(".zarr"))
+    store = next(in_store, None)
+    if store is None:
         return image.stem
-    store = stores[0]
     return "_".join([Path(parts[store]).stem, *parts[store + 1 :]])
 
 
@@ -452,7 +452,7 @@ def expand_images(sources: Sequence[str | Path]) -> list[Path]:
 
 
 def _is_image(path: Path) -> bool:
-    """An image file (by suffix) or a zarr store (a folder ending in ``.zarr``)."""
+    """An image file (by suffix) or a zarr store or node (:func:`files.is_zarr`)."""
     if path.is_dir():
         return is_zarr(path)
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
