@@ -391,3 +391,17 @@ def test_a_picture_or_npy_output_is_refused_not_made_a_folder(files, capsys) -> 
     )
     assert code == 0, err
     assert (files / "old.png" / "image.tif").is_file()
+
+
+def test_a_failed_file_is_named_once_on_its_line(tmp_path) -> None:
+    """The file leads the line unless its reason names it already."""
+    from napari_dsparse.workflows import PredictSummary
+
+    broken, nan = tmp_path / "broken.tif", tmp_path / "nan.tif"
+    summary = PredictSummary()
+    summary.failed.append((broken, f"cannot read {broken}: not a TIFF file"))
+    summary.failed.append((nan, "the image holds NaN or Inf"))
+    assert summary.failure_lines() == [
+        f"failed: cannot read {broken}: not a TIFF file",
+        f"failed: {nan}: the image holds NaN or Inf",
+    ]

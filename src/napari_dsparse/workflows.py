@@ -425,8 +425,12 @@ class PredictSummary:
         )
 
     def failure_lines(self) -> list[str]:
-        """One line per failed file: ``failed: FILE: reason``."""
-        return [f"failed: {path}: {reason}" for path, reason in self.failed]
+        """One line per failed file: ``failed: FILE: reason``, or ``failed: reason``
+        where the reason names the file already."""
+        return [
+            f"failed: {reason}" if str(path) in reason else f"failed: {path}: {reason}"
+            for path, reason in self.failed
+        ]
 
 
 def expand_images(sources: Sequence[str | Path]) -> list[Path]:
