@@ -323,6 +323,31 @@ def test_a_tiff_of_several_series_warns_that_only_the_first_is_predicted(
     assert tifffile.imread(pairs / "p.tif").shape == first.shape
 
 
+def test_training_on_a_tiff_of_several_series_warns_that_only_the_first_is_read(
+    pairs, capsys
+) -> None:
+    """``train`` reads a TIFF's first series, as ``predict`` does, and says so."""
+    first = tifffile.imread(pairs / "a.tif")
+    path = pairs / "positions.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(first)
+        tif.write(first[:40, :50])
+    args = ("train", path, pairs / "a_labels.npy", "--steps", "2", "--seed", "3")
+    m = pairs / "m.pt"
+    code, _, err = run(capsys, *args, "-o", m)
+    assert code == 0
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert warnings == [
+        f"napari-dsparse train: warning: {path} holds 2 image series; only the "
+        "first is read, not series 1 (40 x 50)"
+    ]
+    plain = pairs / "plain.pt"
+    code, _, err = run(capsys, *args[:1], pairs / "a.tif", *args[2:], "-o", plain)
+    assert code == 0 and "warning" not in err
+    series, alone = (load_classifier(p).patch_net.state_dict() for p in (m, plain))
+    assert all(torch.equal(series[k], alone[k]) for k in series)  # the same pixels
+
+
 def test_a_memory_budget_below_the_smallest_tile_is_warned_of(
     pairs, model, capsys
 ) -> None:

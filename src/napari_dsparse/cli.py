@@ -44,6 +44,7 @@ def _run_train(args: argparse.Namespace) -> int:
         normalization=args.normalization.replace("-", "_"),
         prior_strength=args.prior_strength,
         focal_gamma=args.focal_gamma,
+        warn=lambda text: _to_stderr("train", f"warning: {text}"),
     )
     return 0
 

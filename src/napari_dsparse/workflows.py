@@ -123,21 +123,26 @@ def train_from_pairs(
     normalization: NormalizationPolicy = "per_image",
     prior_strength: float = TrainConfig.prior_strength,
     focal_gamma: float = TrainConfig.focal_gamma,
+    warn: Report = _silent,
 ) -> Classifier:
     """Train one model on several ``(image, labels)`` files; write it to ``output``.
 
     Images may differ in size but must have the same channels. ``normalization``
     is ``"per_image"`` (each image by its own percentiles, also at prediction) or
     ``"fixed"`` (the percentiles of all training images pooled, for every image).
-    ``prior_strength`` and ``focal_gamma`` are ``TrainConfig``'s. A Ctrl-C in the main
-    thread stops training after the step under way; the model trained so far is
-    written, then ``KeyboardInterrupt`` is raised.
+    ``prior_strength`` and ``focal_gamma`` are ``TrainConfig``'s. ``warn`` hears of
+    TIFFs holding more image series than the first, which is the one read. A Ctrl-C
+    in the main thread stops training after the step under way; the model trained so
+    far is written, then ``KeyboardInterrupt`` is raised.
     """
     if not pairs:
         raise InputError("give at least one image and its labels")
     check_not_overwriting([Path(output)], [path for pair in pairs for path in pair])
     _check_model_output(Path(output))
     check_pairs_distinct((Path(image), Path(labels)) for image, labels in pairs)
+    for path in dict.fromkeys(Path(path) for pair in pairs for path in pair):
+        if skipped := other_tiff_series(path):
+            warn(_series_warning(path, skipped, used="read"))
     read = [_read_pair(image, labels, channel_axis) for image, labels in pairs]
     loaded = [(image, labels) for image, labels, _ in read]
     num_classes = max(int(labels.max()) for _, labels in loaded)
@@ -547,11 +552,11 @@ def predict_many(
     return summary
 
 
-def _series_warning(image: Path, skipped: list[str]) -> str:
-    """That only the first of a TIFF's image series is predicted."""
+def _series_warning(image: Path, skipped: list[str], used: str = "predicted") -> str:
+    """That only the first of a TIFF's image series is ``used``."""
     return (
         f"{image} holds {len(skipped) + 1} image series; only the first is "
-        f"predicted, not {', '.join(skipped)}"
+        f"{used}, not {', '.join(skipped)}"
     )
 
 
