@@ -372,6 +372,24 @@ def test_a_zarr_group_of_several_images_asks_which(picture, tmp_path, kind) -> N
     np.testing.assert_array_equal(named, picture)
 
 
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_a_folder_of_chunks_names_its_array(picture, tmp_path, zarr_format) -> None:
+    """A path into an array's chunk folders gets the array to give, not zarr's
+    "no group found"."""
+    store = tmp_path / "plate.zarr"
+    root = zarr.open_group(str(store), mode="w", zarr_format=zarr_format)
+    keys = {"name": "v2" if zarr_format == 2 else "default", "separator": "/"}
+    root.create_array("raw", data=picture, chunks=(32, 32), chunk_key_encoding=keys)
+    chunks = next(p for p in sorted((store / "raw").rglob("*")) if p.is_dir())
+    with pytest.raises(InputError) as raised:
+        open_lazy(chunks)
+    assert str(raised.value) == (
+        f"{chunks} is a folder of chunks of the zarr array {store / 'raw'}: "
+        f"give {store / 'raw'} itself"
+    )
+    np.testing.assert_array_equal(open_lazy(store / "raw").compute(), picture)
+
+
 def test_a_multiscales_dataset_the_store_lacks_is_named(picture, tmp_path) -> None:
     path = tmp_path / "broken.ome.zarr"
     group = zarr.open_group(str(path), mode="w")

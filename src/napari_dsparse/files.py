@@ -3,6 +3,7 @@ the image in a zarr store."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -166,6 +167,7 @@ def zarr_image(path: str | Path) -> tuple[zarr.Array, list]:
     import zarr
 
     path = Path(path)
+    _check_not_in_chunks(path)
     node = zarr.open(str(path), mode="r")
     while isinstance(node, zarr.Group):
         multiscales = _multiscales(node.attrs)
@@ -180,6 +182,37 @@ def zarr_image(path: str | Path) -> tuple[zarr.Array, list]:
         child = _zarr_child(node, path)
         node, path = node[child], path / child
     return node, []
+
+
+def _check_not_in_chunks(path: Path) -> None:
+    """``InputError`` naming the array if ``path`` is a folder of its chunks
+    (``raw.zarr/c/0``), which zarr would report as a missing group."""
+    if _zarr_node_kind(path) is not None:
+        return
+    for parent in path.parents:
+        if not is_zarr(parent):
+            return
+        kind = _zarr_node_kind(parent)
+        if kind == "array":
+            raise InputError(
+                f"{path} is a folder of chunks of the zarr array {parent}: "
+                f"give {parent} itself"
+            )
+        if kind is not None:
+            return
+
+
+def _zarr_node_kind(folder: Path) -> str | None:
+    """``"array"`` or ``"group"`` for a zarr node's folder (v2 or v3), else None."""
+    if (folder / ".zarray").is_file():
+        return "array"
+    if (folder / ".zgroup").is_file():
+        return "group"
+    try:
+        metadata = json.loads((folder / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metadata.get("node_type") if isinstance(metadata, dict) else None
 
 
 def _zarr_child(group: zarr.Group, path: Path) -> str:
