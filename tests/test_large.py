@@ -450,6 +450,44 @@ def test_zarr_results_have_the_shape_of_the_tif_results(
         np.testing.assert_array_equal(result[name][:], expected)
 
 
+@pytest.mark.parametrize("shape", [(70, 90), (2, 3, 2, 70, 90)])
+def test_results_held_in_memory_equal_those_streamed_through_a_store(
+    make_classifier, rng, tmp_path, monkeypatch, shape
+) -> None:
+    """Small results skip the scratch zarr store; the files are the same."""
+    channel_axis = 2 if len(shape) == 5 else None
+    image = rng.integers(0, 4000, shape, dtype=np.uint16)
+    np.save(tmp_path / "image.npy", image)
+    classifier = make_classifier(
+        as_channels_first(image, channel_axis), num_classes=3, seed=2
+    )
+    stores, create_store = [], large._create_store
+    monkeypatch.setattr(
+        large, "_create_store", lambda *a: stores.append(a) or create_store(*a)
+    )
+    outputs = Outputs(probabilities=True, uncertainty=True)
+    for name, size in (("memory.tif", 0), ("store.tif", 2**62)):
+        monkeypatch.setattr(large, "_results_bytes", lambda *_, size=size: size)
+        predict_file(
+            classifier,
+            tmp_path / "image.npy",
+            tmp_path / name,
+            outputs,
+            memory=SMALL_MEMORY,  # many tiles
+            channel_axis=channel_axis,
+        )
+    assert len(stores) == 1  # the second only
+    for kind in ("", "_probabilities", "_uncertainty"):
+        with (
+            tifffile.TiffFile(tmp_path / f"memory{kind}.tif") as held,
+            tifffile.TiffFile(tmp_path / f"store{kind}.tif") as streamed,
+        ):
+            for attribute in ("axes", "dtype", "shape"):
+                left = getattr(held.series[0], attribute)
+                assert left == getattr(streamed.series[0], attribute)
+            np.testing.assert_array_equal(held.asarray(), streamed.asarray())
+
+
 @pytest.mark.parametrize(
     ("axes", "shape", "expected"),
     [

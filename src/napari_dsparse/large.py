@@ -333,7 +333,12 @@ def predict_file(
     try:
         with held:
             spatial = _spatial_shape(raw.shape, channel_axis, image.shape)
-            store = _create_store(scratch, classifier, spatial, tile, outputs)
+            small = _results_bytes(classifier, spatial, outputs) <= memory // 16
+            to_tif = not output.name.lower().endswith(".zarr")
+            if small and to_tif and scheduler is None:
+                store = _results_in_memory(classifier, spatial, outputs)
+            else:
+                store = _create_store(scratch, classifier, spatial, tile, outputs)
             if scheduler is None:
                 _predict_into(classifier, image, store, tile, progress, normalization)
             else:
@@ -342,7 +347,7 @@ def predict_file(
                 predict_into_with_dask(
                     classifier, image, store, tile, scheduler, progress, normalization
                 )
-            if output.name.lower().endswith(".zarr"):
+            if not to_tif:
                 _finish_zarr(scratch, output)
             else:
                 axes = _result_axes(image_path, raw.shape, channel_axis, spatial)
@@ -446,6 +451,41 @@ class MergedPlanes:
             self.array[plane] = values[(*(slice(None) for _ in head), offset)]
 
 
+def _result_dtypes(classifier: Classifier, outputs: Outputs) -> dict[str, np.dtype]:
+    """The dtype of each result ``outputs`` asks for, the classes first."""
+    dtypes = {"classes": np.dtype(class_dtype(classifier.num_classes))}
+    if outputs.probabilities:
+        dtypes["probabilities"] = np.dtype(np.float32)
+    if outputs.uncertainty:
+        dtypes["uncertainty"] = np.dtype(np.float32)
+    return dtypes
+
+
+def _results_bytes(
+    classifier: Classifier, spatial: tuple[int, ...], outputs: Outputs
+) -> int:
+    """Bytes of every result for an image of ``spatial`` shape (without channels)."""
+    pixels = int(np.prod(spatial))
+    sizes = {"probabilities": classifier.num_classes}
+    return sum(
+        pixels * sizes.get(name, 1) * dtype.itemsize
+        for name, dtype in _result_dtypes(classifier, outputs).items()
+    )
+
+
+def _results_in_memory(
+    classifier: Classifier, spatial: tuple[int, ...], outputs: Outputs
+) -> dict[str, np.ndarray]:
+    """:func:`_create_store`'s arrays as NumPy arrays, for results small next to the
+    memory budget: a scratch zarr store costs tens of ms per file, which a folder of
+    small images pays many times over."""
+    shapes = {"probabilities": (classifier.num_classes, *spatial)}
+    return {
+        name: np.zeros(shapes.get(name, spatial), dtype)
+        for name, dtype in _result_dtypes(classifier, outputs).items()
+    }
+
+
 def _create_store(
     path: Path,
     classifier: Classifier,
@@ -462,19 +502,13 @@ def _create_store(
     group = zarr.open_group(str(path), mode="w")
     chunks = (*(1 for _ in planes), min(tile, height), min(tile, width))
     num_classes = classifier.num_classes
-    group.create_array(
-        "classes", shape=spatial, chunks=chunks, dtype=class_dtype(num_classes)
-    )
-    if outputs.probabilities:
+    for name, dtype in _result_dtypes(classifier, outputs).items():
+        leading = (num_classes,) if name == "probabilities" else ()
         group.create_array(
-            "probabilities",
-            shape=(num_classes, *spatial),
-            chunks=(num_classes, *chunks),
-            dtype=np.float32,
-        )
-    if outputs.uncertainty:
-        group.create_array(
-            "uncertainty", shape=spatial, chunks=chunks, dtype=np.float32
+            name,
+            shape=(*leading, *spatial),
+            chunks=(*leading, *chunks),
+            dtype=dtype,
         )
     group.attrs.update(
         class_names=list(classifier.class_names),
