@@ -11,10 +11,12 @@ from napari_dsparse.live import (
     LiveSession,
     Mailbox,
     PredictionUpdate,
+    VolumeSweep,
     Waiting,
     cpu_threads_for_live_training,
     iter_live,
     preview_boxes,
+    volume_boxes,
 )
 from napari_dsparse.predict import Box, labels_and_uncertainty, predict_proba
 from napari_dsparse.train import TrainStatus
@@ -48,6 +50,26 @@ def test_preview_covers_the_slice_once_with_the_view_first() -> None:
     assert sum((b.r1 - b.r0) * (b.c1 - b.c0) for b in in_view) == 300 * 250
 
 
+def test_a_volume_sweep_covers_its_slices_nearest_first() -> None:
+    shape = (8, 300, 280)  # two time points of four planes, merged
+    boxes = list(volume_boxes(shape, range(4, 8), 5))
+    covered = np.zeros(shape, int)
+    for box in boxes:
+        covered[box.z, box.r0 : box.r1, box.c0 : box.c1] += 1
+    assert (covered[4:] == 1).all() and not covered[:4].any()
+    slices = list(dict.fromkeys(box.z for box in boxes))
+    assert slices == [5, 4, 6, 7]
+
+
+def test_the_sweep_goes_on_across_rounds_and_restarts_for_new_strokes() -> None:
+    sweep, shape, slices = VolumeSweep(), (3, 40, 50), range(3)
+    assert [sweep.take(shape, slices, 1, 1).z for _ in range(2)] == [1, 0]
+    assert sweep.take(shape, slices, 0, 1).z == 2  # the same sweep goes on
+    assert sweep.take(shape, slices, 0, 1) is None  # done: the next one begins
+    assert sweep.take(shape, slices, 2, 1).z == 2
+    assert sweep.take(shape, slices, 0, 2).z == 0  # new strokes: from the start
+
+
 def _session(rng, classes=("bg", "fg")) -> tuple[LiveSession, np.ndarray]:
     image = as_channels_first(rng.normal(size=(40, 50)).astype(np.float32))
     labels = np.zeros((40, 50), np.uint8)
@@ -78,6 +100,26 @@ def test_a_round_trains_then_predicts_the_whole_slice(rng) -> None:
         box = update.box
         shown[box.r0 : box.r1, box.c0 : box.c1] = update.classes
     np.testing.assert_array_equal(shown, expected)
+
+
+def test_a_volume_on_screen_is_predicted_slice_by_slice(rng) -> None:
+    """In napari's 3D display the preview covers the volume, not one slice."""
+    image = as_channels_first(rng.normal(size=(4, 40, 50)).astype(np.float32))
+    labels = np.zeros((4, 40, 50), np.uint8)
+    labels[1, 2:4, 2:20], labels[1, 30:33, 30:45] = 1, 2
+    session, mailbox = LiveSession(image, ("bg", "fg")), Mailbox()
+    mailbox.post_labels(labels)
+    mailbox.post_view(None, 2, volume=range(4))
+    events = list(iter_live(session, mailbox, round_seconds=0.3, rounds=1))
+    updates = [e for e in events if isinstance(e, PredictionUpdate)]
+    assert [update.box.z for update in updates] == [2, 1, 3, 0]
+    whole = predict_proba(session.classifier, session.image)
+    expected, _ = labels_and_uncertainty(whole)
+    for update in updates:
+        np.testing.assert_array_equal(update.classes, expected[update.box.z])
+    mailbox.post_view(None, 2)  # back to 2D: the slice on screen only
+    events = list(iter_live(session, mailbox, round_seconds=0.05, rounds=1))
+    assert {e.box.z for e in events if isinstance(e, PredictionUpdate)} == {2}
 
 
 def test_new_strokes_interrupt_the_preview(rng) -> None:

@@ -68,6 +68,7 @@ from napari_dsparse.train import TrainConfig, TrainStatus
 UPDATE_ONCE_SECONDS = 2.0
 MAX_CHANNELS = 16  # a 3D layer with at most this many planes may be channels
 REFRESH_MS = 100  # the most often the output layers are redrawn
+REFRESH_MS_3D = 1000  # the same in 3D, where a redraw uploads the whole volume
 PREDICTION_SUFFIX = " prediction"
 OUTPUT_MARK = "napari-dsparse output"  # metadata of the layers the widget writes
 EMPTY_SET_TEXT = "training set: the image above only"
@@ -305,6 +306,7 @@ class DsparseWidget(Container):
             self._post_view
         )
         self._viewer.dims.events.current_step.connect(self._post_view)
+        self._viewer.dims.events.ndisplay.connect(self._post_view)
         self.native.destroyed.connect(self._on_destroyed)
         self.save_session_button.changed.connect(self._ask_save_session)
         self.restore_session_button.changed.connect(self._ask_restore_session)
@@ -641,13 +643,16 @@ class DsparseWidget(Container):
         (r0, c0), (r1, c1) = corners[0, -2:], corners[1, -2:]
         view = Box(0, int(r0), int(r1) + 1, int(c0), int(c1) + 1) if r1 > r0 else None
         spatial = _spatial_shape(image, self._multichannel)
-        z = 0
+        z, volume = 0, None
         if len(spatial) > 2:
             point = np.rint(image.world_to_data(self._viewer.dims.point))
             leading = point[-len(spatial) : -2].astype(int)
             leading = np.clip(leading, 0, np.asarray(spatial[:-2]) - 1)
             z = int(np.ravel_multi_index(tuple(leading), spatial[:-2]))
-        self._mailbox.post_view(view, z)
+            if self._viewer.dims.ndisplay == 3:  # the stack of this time point
+                first = z - z % spatial[-3]
+                volume = range(first, first + spatial[-3])
+        self._mailbox.post_view(view, z, volume)
 
     # -- output layers ----------------------------------------------------------
 
@@ -733,7 +738,8 @@ class DsparseWidget(Container):
         prediction.data[index] = update.classes
         uncertainty.data[index] = update.uncertainty
         if not self._refresh_timer.isActive():
-            self._refresh_timer.start()
+            volume = self._viewer.dims.ndisplay == 3
+            self._refresh_timer.start(REFRESH_MS_3D if volume else REFRESH_MS)
 
     def _refresh_outputs(self) -> None:
         if not self._alive or self._session_image is None:

@@ -4,7 +4,9 @@ The GUI thread posts label snapshots and the visible region into a :class:`Mailb
 :func:`iter_live` (run in a background worker) trains in short rounds and, after each
 round, yields :class:`PredictionUpdate` tiles: the visible region first, then the
 rest of the current slice. A new snapshot interrupts the predictions so that strokes
-show up in the next update without waiting for the whole image.
+show up in the next update without waiting for the whole image. While a volume is
+shown in 3D, each round instead predicts, for as long as it trained, the next tiles
+of a sweep over the volume's slices, nearest to the current one first.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Mailbox:
         self._labels: np.ndarray | None = None
         self._view: Box | None = None
         self._slice = 0
+        self._volume: range | None = None
         self._pair_changes: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         self.posted = 0  # snapshots posted so far; the version of the latest
 
@@ -114,14 +117,22 @@ class Mailbox:
             changes, self._pair_changes = self._pair_changes, {}
             return changes
 
-    def post_view(self, view: Box | None, current_slice: int = 0) -> None:
-        """The region on screen (``None``: unknown) and the slice being shown."""
+    def post_view(
+        self, view: Box | None, current_slice: int = 0, volume: range | None = None
+    ) -> None:
+        """The region on screen (``None``: unknown), the slice being shown and, in
+        napari's 3D display, the slices of the volume on screen (``None`` in 2D)."""
         with self._lock:
-            self._view, self._slice = view, current_slice
+            self._view, self._slice, self._volume = view, current_slice, volume
 
     def view(self) -> tuple[Box | None, int]:
         with self._lock:
             return self._view, self._slice
+
+    def volume(self) -> range | None:
+        """The slices shown as a volume, or ``None`` (a 2D display)."""
+        with self._lock:
+            return self._volume
 
 
 @dataclass(frozen=True)
@@ -503,6 +514,57 @@ def preview_boxes(
             yield from iter_tiles(shape, LIVE_TILE, band)
 
 
+def volume_boxes(shape: tuple[int, int, int], slices: range, z: int) -> Iterator[Box]:
+    """Tiles of the ``slices`` (within the image) of a ``(Z, Y, X)`` image: slice
+    ``z`` first, then the others by their distance from it (``z - 1``, ``z + 1``,
+    ``z - 2``, ...)."""
+    for k in sorted(slices, key=lambda k: (abs(k - z), k)):
+        yield from iter_tiles(shape, LIVE_TILE, Box(k, 0, shape[1], 0, shape[2]))
+
+
+class VolumeSweep:
+    """Where the 3D preview's sweep over the volume stands, across rounds."""
+
+    def __init__(self) -> None:
+        self._boxes: Iterator[Box] | None = None
+        self._key: tuple | None = None
+
+    def take(
+        self, shape: tuple[int, int, int], slices: range, z: int, labels_version: int
+    ) -> Box | None:
+        """The next box of the sweep, or ``None`` once it is done (the next call
+        begins another). Other slices, another shape or new strokes (another
+        ``labels_version``: show them first) begin a new sweep from slice ``z``."""
+        key = (shape, slices, labels_version)
+        if self._boxes is None or self._key != key:
+            self._boxes, self._key = volume_boxes(shape, slices, z), key
+        box = next(self._boxes, None)
+        if box is None:
+            self._boxes = None
+        return box
+
+
+def _preview(
+    session: LiveSession, mailbox: Mailbox, sweep: VolumeSweep, seconds: float
+) -> Iterator[Box]:
+    """The boxes to predict after a round: the view and its slice, or, while a
+    volume is shown in 3D, the sweep's next ``seconds`` of tiles (at most to the end
+    of the sweep)."""
+    view, z = mailbox.view()
+    shape = session.image.shape[1:]
+    slices = mailbox.volume() or range(0)
+    slices = range(max(slices.start, 0), min(slices.stop, shape[0]))
+    if len(slices) < 2:  # a 2D display, or a single plane
+        yield from preview_boxes(shape, view, z)
+        return
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        box = sweep.take(shape, slices, z, session.labels_version)
+        if box is None:
+            return
+        yield box
+
+
 def iter_live(
     session: LiveSession,
     mailbox: Mailbox,
@@ -522,6 +584,7 @@ def iter_live(
     """
     done = 0
     release = PeriodicRelease()
+    sweep = VolumeSweep()
     while rounds is None or done < rounds:
         ready = _take_snapshot(session, mailbox)
         yield from _notices(session)
@@ -542,8 +605,7 @@ def iter_live(
         if session.trainer is not None:  # predict under the image's class prior
             session.trainer.fit_class_prior()
         session.keep_last_good()
-        view, z = mailbox.view()
-        for box in preview_boxes(session.image.shape[1:], view, z):
+        for box in _preview(session, mailbox, sweep, round_seconds):
             if mailbox.has_new_labels():
                 break
             yield session.predict(box)

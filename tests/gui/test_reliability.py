@@ -129,6 +129,28 @@ def test_a_time_series_trains_per_time_point(
     assert prediction[1, 0].min() >= 1  # the time point on screen is predicted
 
 
+def test_the_3d_display_shows_the_whole_stack_of_the_time_point(
+    make_napari_viewer, qtbot, update_once_and_wait
+) -> None:
+    """Rotated in 3D, a stack must not show its one current plane predicted."""
+    stack = np.stack([_disc_image(48)] * 3)
+    series = np.stack([stack, stack[:, ::-1]])  # (T, Z, Y, X)
+    strokes = np.zeros(series.shape, np.uint8)
+    strokes[1, 1] = _strokes((48, 48))
+    viewer, widget, _ = _viewer_with(make_napari_viewer, series, strokes)
+    viewer.dims.set_current_step(0, 1)
+    viewer.dims.set_current_step(1, 1)
+    viewer.dims.ndisplay = 3
+    update_once_and_wait(widget, timeout=60_000)
+    prediction = viewer.layers["img prediction"].data
+    assert prediction[1].min() >= 1  # every plane of the time point on screen
+    assert not prediction[0].any()  # not the other time point
+    viewer.dims.ndisplay = 2
+    prediction[:] = 0
+    update_once_and_wait(widget, timeout=60_000)
+    assert prediction[1, 1].min() >= 1 and not prediction[1, [0, 2]].any()
+
+
 @pytest.mark.parametrize("backend", ["dask", "zarr"])
 def test_dask_and_zarr_backed_layers_train_lazily(
     make_napari_viewer, qtbot, backend, update_once_and_wait
