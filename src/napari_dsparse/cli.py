@@ -214,7 +214,11 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     budget.add_argument("--steps", type=_positive(int), help="number of training steps")
     train.add_argument(
-        "--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="network"
+        "--preset",
+        default=DEFAULT_PRESET,
+        choices=sorted(PRESETS),
+        help="network; "
+        + "; ".join(f"{name}: {PRESETS[name].summary}" for name in sorted(PRESETS)),
     )
     train.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best)")
     train.add_argument(
