@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from napari_dsparse import live
 from napari_dsparse.data import as_channels_first
 from napari_dsparse.live import (
     LiveSession,
     Mailbox,
     PredictionUpdate,
-    VolumeSweep,
+    PreviewSweep,
     Waiting,
     cpu_threads_for_live_training,
     iter_live,
@@ -61,13 +62,17 @@ def test_a_volume_sweep_covers_its_slices_nearest_first() -> None:
     assert slices == [5, 4, 6, 7]
 
 
-def test_the_sweep_goes_on_across_rounds_and_restarts_for_new_strokes() -> None:
-    sweep, shape, slices = VolumeSweep(), (3, 40, 50), range(3)
-    assert [sweep.take(shape, slices, 1, 1).z for _ in range(2)] == [1, 0]
-    assert sweep.take(shape, slices, 0, 1).z == 2  # the same sweep goes on
-    assert sweep.take(shape, slices, 0, 1) is None  # done: the next one begins
-    assert sweep.take(shape, slices, 2, 1).z == 2
-    assert sweep.take(shape, slices, 0, 2).z == 0  # new strokes: from the start
+def test_the_pass_goes_on_across_calls_and_restarts_for_a_new_key() -> None:
+    sweep, shape = PreviewSweep(), (3, 40, 50)
+
+    def boxes():
+        return volume_boxes(shape, range(3), 1)
+
+    assert [sweep.take("a", boxes).z for _ in range(2)] == [1, 0]
+    assert sweep.take("a", boxes).z == 2  # the same pass goes on
+    assert sweep.take("a", boxes) is None  # done: the next call begins another
+    assert sweep.take("a", boxes).z == 1
+    assert sweep.take("b", boxes).z == 1  # another key: from the start
 
 
 def _session(rng, classes=("bg", "fg")) -> tuple[LiveSession, np.ndarray]:
@@ -120,6 +125,38 @@ def test_a_volume_on_screen_is_predicted_slice_by_slice(rng) -> None:
     mailbox.post_view(None, 2)  # back to 2D: the slice on screen only
     events = list(iter_live(session, mailbox, round_seconds=0.05, rounds=1))
     assert {e.box.z for e in events if isinstance(e, PredictionUpdate)} == {2}
+
+
+def test_live_rounds_predict_a_bounded_part_and_go_on_from_there(
+    rng, monkeypatch
+) -> None:
+    """A large image must not starve training: each live round predicts for at
+    most PREVIEW_SECONDS (here: one tile), and the next goes on where it stopped;
+    new strokes begin a new pass at the view."""
+    monkeypatch.setattr(live, "PREVIEW_SECONDS", 0.0)
+    image = as_channels_first(rng.normal(size=(600, 560)).astype(np.float32))
+    labels = np.zeros((600, 560), np.uint8)
+    labels[2:4, 2:20], labels[300:303, 300:345] = 1, 2
+    session, mailbox = LiveSession(image, ("bg", "fg")), Mailbox()
+    mailbox.post_labels(labels)
+    view = Box(0, 256, 600, 0, 560)
+    mailbox.post_view(view, 0)
+    order = list(preview_boxes((1, 600, 560), view, 0))
+    shown: list[tuple[Box, bool]] = []  # (box, training ran since the last one)
+    trained = False
+    for event in iter_live(session, mailbox, round_seconds=0.02):
+        if isinstance(event, TrainStatus):
+            trained = True
+        elif isinstance(event, PredictionUpdate):
+            shown.append((event.box, trained))
+            trained = False
+            if len(shown) == 3:
+                mailbox.post_labels(labels)  # a new stroke
+            if len(shown) == 5:
+                break
+    boxes = [box for box, _ in shown]
+    assert boxes == [*order[:3], *order[:2]]
+    assert all(since for _, since in shown)  # one tile a round, training between
 
 
 def test_new_strokes_interrupt_the_preview(rng) -> None:

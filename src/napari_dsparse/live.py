@@ -2,11 +2,12 @@
 
 The GUI thread posts label snapshots and the visible region into a :class:`Mailbox`;
 :func:`iter_live` (run in a background worker) trains in short rounds and, after each
-round, yields :class:`PredictionUpdate` tiles: the visible region first, then the
-rest of the current slice. A new snapshot interrupts the predictions so that strokes
-show up in the next update without waiting for the whole image. While a volume is
-shown in 3D, each round instead predicts, for as long as it trained, the next tiles
-of a sweep over the volume's slices, nearest to the current one first.
+round, yields :class:`PredictionUpdate` tiles of a pass over the visible region
+first, then the rest of the current slice (while a volume is shown in 3D: every slice
+of it, nearest to the current one first). A round predicts for at most
+``PREVIEW_SECONDS``; the pass goes on in the next round, so a large image does not
+starve training. New strokes interrupt the predictions, and the next pass begins
+with the view, so that they show up without waiting for the whole image.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 
@@ -56,6 +58,7 @@ __all__ = [
 
 LIVE_TILE = 256  # output pixels per preview tile side: about 0.1 s on 2 CPU cores
 AFTER_STROKE_SECONDS = 0.15  # training on new strokes before they are previewed
+PREVIEW_SECONDS = 0.5  # the most a live round predicts; the pass goes on next round
 
 
 def cpu_threads_for_live_training(cpu_count: int | None = None) -> int:
@@ -522,22 +525,19 @@ def volume_boxes(shape: tuple[int, int, int], slices: range, z: int) -> Iterator
         yield from iter_tiles(shape, LIVE_TILE, Box(k, 0, shape[1], 0, shape[2]))
 
 
-class VolumeSweep:
-    """Where the 3D preview's sweep over the volume stands, across rounds."""
+class PreviewSweep:
+    """Where the preview stands in its pass over the image, across rounds."""
 
     def __init__(self) -> None:
         self._boxes: Iterator[Box] | None = None
         self._key: tuple | None = None
 
-    def take(
-        self, shape: tuple[int, int, int], slices: range, z: int, labels_version: int
-    ) -> Box | None:
-        """The next box of the sweep, or ``None`` once it is done (the next call
-        begins another). Other slices, another shape or new strokes (another
-        ``labels_version``: show them first) begin a new sweep from slice ``z``."""
-        key = (shape, slices, labels_version)
+    def take(self, key: tuple, boxes: Callable[[], Iterator[Box]]) -> Box | None:
+        """The next box of the pass, or ``None`` once it is done (the next call
+        begins another). Another ``key`` (a new view, slice, shape or labels
+        version: strokes are shown first) begins a new pass from ``boxes()``."""
         if self._boxes is None or self._key != key:
-            self._boxes, self._key = volume_boxes(shape, slices, z), key
+            self._boxes, self._key = boxes(), key
         box = next(self._boxes, None)
         if box is None:
             self._boxes = None
@@ -545,24 +545,32 @@ class VolumeSweep:
 
 
 def _preview(
-    session: LiveSession, mailbox: Mailbox, sweep: VolumeSweep, seconds: float
+    session: LiveSession,
+    mailbox: Mailbox,
+    sweep: PreviewSweep,
+    seconds: float | None,
 ) -> Iterator[Box]:
-    """The boxes to predict after a round: the view and its slice, or, while a
-    volume is shown in 3D, the sweep's next ``seconds`` of tiles (at most to the end
-    of the sweep)."""
+    """The boxes to predict after a round: the next ``seconds`` of the pass (at
+    least one box; to its end if ``None``), which goes over the view, then the rest
+    of its slice, or, while a volume is shown in 3D, over every slice of it, nearest
+    first. Stops early when new labels wait."""
     view, z = mailbox.view()
     shape = session.image.shape[1:]
     slices = mailbox.volume() or range(0)
     slices = range(max(slices.start, 0), min(slices.stop, shape[0]))
-    if len(slices) < 2:  # a 2D display, or a single plane
-        yield from preview_boxes(shape, view, z)
-        return
+    if len(slices) >= 2:
+        key, boxes = (shape, slices, z), partial(volume_boxes, shape, slices, z)
+    else:  # a 2D display, or a single plane
+        key, boxes = (shape, view, z), partial(preview_boxes, shape, view, z)
+    key = (*key, session.labels_version)
     start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        box = sweep.take(shape, slices, z, session.labels_version)
+    while not mailbox.has_new_labels():
+        box = sweep.take(key, boxes)
         if box is None:
             return
-        yield box
+        yield box  # at least one a round, so the pass always moves on
+        if seconds is not None and time.perf_counter() - start >= seconds:
+            return
 
 
 def iter_live(
@@ -584,7 +592,10 @@ def iter_live(
     """
     done = 0
     release = PeriodicRelease()
-    sweep = VolumeSweep()
+    sweep = PreviewSweep()
+    # Live, each round predicts for a bounded time, so that a large image or volume
+    # does not starve training; a set number of rounds predicts each pass whole.
+    preview_seconds = PREVIEW_SECONDS if rounds is None else None
     while rounds is None or done < rounds:
         ready = _take_snapshot(session, mailbox)
         yield from _notices(session)
@@ -605,9 +616,7 @@ def iter_live(
         if session.trainer is not None:  # predict under the image's class prior
             session.trainer.fit_class_prior()
         session.keep_last_good()
-        for box in _preview(session, mailbox, sweep, round_seconds):
-            if mailbox.has_new_labels():
-                break
+        for box in _preview(session, mailbox, sweep, preview_seconds):
             yield session.predict(box)
             yield from _notices(session)
         release()
