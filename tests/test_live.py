@@ -122,6 +122,12 @@ def test_a_volume_on_screen_is_predicted_slice_by_slice(rng) -> None:
     expected, _ = labels_and_uncertainty(whole)
     for update in updates:
         np.testing.assert_array_equal(update.classes, expected[update.box.z])
+    labels = labels.copy()
+    labels[3, 20:22, 5:30] = 2  # a stroke on plane 3: the next pass begins there
+    mailbox.post_labels(labels)
+    events = list(iter_live(session, mailbox, round_seconds=0.05, rounds=1))
+    planes = [e.box.z for e in events if isinstance(e, PredictionUpdate)]
+    assert planes == [3, 2, 1, 0]
     mailbox.post_view(None, 2)  # back to 2D: the slice on screen only
     events = list(iter_live(session, mailbox, round_seconds=0.05, rounds=1))
     assert {e.box.z for e in events if isinstance(e, PredictionUpdate)} == {2}
@@ -157,6 +163,28 @@ def test_live_rounds_predict_a_bounded_part_and_go_on_from_there(
     boxes = [box for box, _ in shown]
     assert boxes == [*order[:3], *order[:2]]
     assert all(since for _, since in shown)  # one tile a round, training between
+
+
+def test_the_pass_after_a_stroke_begins_at_the_stroke(rng) -> None:
+    """On a view of many tiles the strokes' surroundings are shown first."""
+    image = as_channels_first(rng.normal(size=(600, 560)).astype(np.float32))
+    labels = np.zeros((600, 560), np.uint8)
+    labels[2:4, 2:20], labels[30:33, 30:45] = 1, 2
+    session, mailbox = LiveSession(image, ("bg", "fg")), Mailbox()
+    mailbox.post_labels(labels)
+    mailbox.post_view(Box(0, 0, 600, 0, 560), 0)
+    first = next(
+        e for e in iter_live(session, mailbox) if isinstance(e, PredictionUpdate)
+    )
+    assert (first.box.r0, first.box.c0) == (0, 0)  # no stroke to follow: in order
+    labels = labels.copy()
+    labels[540:545, 500:530] = 2  # a stroke in the bottom-right tile
+    mailbox.post_labels(labels)
+    update = next(
+        e for e in iter_live(session, mailbox) if isinstance(e, PredictionUpdate)
+    )
+    assert session.last_stroke == (0, 542, 514)
+    assert (update.box.r0, update.box.c0) == (512, 512)
 
 
 def test_new_strokes_interrupt_the_preview(rng) -> None:

@@ -199,6 +199,7 @@ class LiveSession:
     optimizer_state: dict | None = None  # carried over from another image's session
     last_good: Checkpoint | None = None
     notices: list[str] = field(default_factory=list)  # for the user, not shown yet
+    last_stroke: tuple[int, int, int] | None = None  # (z, row, col) of the latest
     _gaps: list[int] = field(default_factory=list)
     _told: set[str] = field(default_factory=set)
     _labels: np.ndarray | None = field(default=None, repr=False)  # latest snapshot
@@ -238,6 +239,7 @@ class LiveSession:
         """
         self.labels_version = version
         labels = check_labels(labels, self.image.shape[1:])
+        self.last_stroke = _centre_of_change(self._labels, labels)
         self._labels = labels
         self._classes[self.name] = frozenset(painted_classes(labels).tolist())
         self.painted = len(self._painted_classes()) >= 2
@@ -485,15 +487,50 @@ class LiveSession:
         return predict_box(self.classifier, self.image, box, normalization)
 
 
+def _centre_of_change(
+    before: np.ndarray | None, after: np.ndarray
+) -> tuple[int, int, int] | None:
+    """``(z, row, col)`` of the middle of the pixels that differ (the latest
+    strokes), or ``None`` when nothing changed or there is nothing to compare."""
+    if before is None or before.shape != after.shape:
+        return None
+    changed = np.nonzero(before != after)
+    if not changed[0].size:
+        return None
+    return tuple(int(np.median(axis)) for axis in changed)
+
+
+def _nearest_first(boxes: Iterator[Box], near: tuple[int, int] | None) -> list[Box]:
+    """``boxes`` ordered by the distance of their centres from ``near`` (row,
+    col); in their own order when ``near`` is ``None``."""
+    boxes = list(boxes)
+    if near is None:
+        return boxes
+
+    def distance(box: Box) -> float:
+        return np.hypot(
+            (box.r0 + box.r1) / 2 - near[0], (box.c0 + box.c1) / 2 - near[1]
+        )
+
+    return sorted(boxes, key=distance)
+
+
 def preview_boxes(
-    shape: tuple[int, int, int], view: Box | None, z: int
+    shape: tuple[int, int, int],
+    view: Box | None,
+    z: int,
+    near: tuple[int, int] | None = None,
 ) -> Iterator[Box]:
-    """Tiles of the visible region of slice ``z``, then the rest of that slice."""
+    """Tiles of the visible region of slice ``z``, then the rest of that slice.
+
+    The region's tiles come nearest to ``near`` (row, col: the latest strokes) first,
+    so that on a large view the strokes' surroundings are shown first.
+    """
     depth, height, width = shape
     z = min(max(z, 0), depth - 1)
     whole = Box(z, 0, height, 0, width)
     if view is None:
-        yield from iter_tiles(shape, LIVE_TILE, whole)
+        yield from _nearest_first(iter_tiles(shape, LIVE_TILE, whole), near)
         return
     view = Box(
         z,
@@ -503,9 +540,9 @@ def preview_boxes(
         min(width, max(view.c1, view.c0 + 1)),
     )
     if view.r0 >= view.r1 or view.c0 >= view.c1:
-        yield from iter_tiles(shape, LIVE_TILE, whole)
+        yield from _nearest_first(iter_tiles(shape, LIVE_TILE, whole), near)
         return
-    yield from iter_tiles(shape, LIVE_TILE, view)
+    yield from _nearest_first(iter_tiles(shape, LIVE_TILE, view), near)
     bands = (
         Box(z, 0, view.r0, 0, width),
         Box(z, view.r1, height, 0, width),
@@ -558,10 +595,17 @@ def _preview(
     shape = session.image.shape[1:]
     slices = mailbox.volume() or range(0)
     slices = range(max(slices.start, 0), min(slices.stop, shape[0]))
-    if len(slices) >= 2:
-        key, boxes = (shape, slices, z), partial(volume_boxes, shape, slices, z)
+    stroke = session.last_stroke
+    if len(slices) >= 2:  # from the plane of the latest strokes, if any
+        start_slice = stroke[0] if stroke and stroke[0] in slices else z
+        key = (shape, slices, start_slice)
+        boxes = partial(volume_boxes, shape, slices, start_slice)
     else:  # a 2D display, or a single plane
-        key, boxes = (shape, view, z), partial(preview_boxes, shape, view, z)
+        near = stroke[1:] if stroke and stroke[0] == z else None
+        key, boxes = (
+            (shape, view, z, near),
+            partial(preview_boxes, shape, view, z, near),
+        )
     key = (*key, session.labels_version)
     start = time.perf_counter()
     while not mailbox.has_new_labels():
