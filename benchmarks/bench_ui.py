@@ -120,7 +120,12 @@ def run(size: int, seconds: float, stroke_every: float) -> dict[str, float]:
         QApplication.processEvents()
         time.sleep(0.002)
     steps = widget._session.trainer.steps_done
+    worker = widget._worker
     widget.stop()
+    deadline = time.perf_counter() + 10
+    while worker.is_running and time.perf_counter() < deadline:
+        QApplication.processEvents()  # let the worker end before its signals go
+        time.sleep(0.01)
     viewer.close()
     latencies = [
         next((t - t0 for t, version in shown if t >= t0 and version >= v), np.nan)
