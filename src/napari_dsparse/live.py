@@ -7,7 +7,8 @@ first, then the rest of the current slice (while a volume is shown in 3D: every 
 of it, nearest to the current one first). A round predicts for at most
 ``PREVIEW_SECONDS``; the pass goes on in the next round, so a large image does not
 starve training. New strokes interrupt the predictions, and the next pass begins
-with the view, so that they show up without waiting for the whole image.
+with the view's tiles nearest to them (in 3D: at their plane), so that they show up
+without waiting for the whole image.
 """
 
 from __future__ import annotations
