@@ -157,7 +157,7 @@ def test_live_rounds_predict_a_bounded_part_and_go_on_from_there(
             shown.append((event.box, trained))
             trained = False
             if len(shown) == 3:
-                mailbox.post_labels(labels)  # a new stroke
+                mailbox.post_labels(labels)  # a new snapshot (version) restarts
             if len(shown) == 5:
                 break
     boxes = [box for box, _ in shown]
