@@ -24,12 +24,15 @@ from napari_dsparse.train import TrainStatus
 
 
 def test_mailbox_hands_over_copies_with_versions() -> None:
+    """The worker copies the labels when it takes them: the GUI thread only posts."""
     mailbox = Mailbox()
     labels = np.ones((3, 3), np.uint8)
     assert mailbox.post_labels(labels) == 1
-    labels[:] = 7
+    labels[0] = 7  # painted before the worker took them: included
     taken, version = mailbox.take_labels()
-    assert version == 1 and (taken == 1).all()
+    assert version == 1 and (taken[0] == 7).all() and (taken[1:] == 1).all()
+    labels[:] = 9  # painted after: the worker's copy is its own
+    assert (taken[1:] == 1).all()
     assert mailbox.take_labels() is None and not mailbox.has_new_labels()
 
 

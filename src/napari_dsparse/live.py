@@ -86,18 +86,26 @@ class Mailbox:
         self.posted = 0  # snapshots posted so far; the version of the latest
 
     def post_labels(self, labels: np.ndarray) -> int:
-        """Hand over a copy of ``labels``; returns its version number."""
-        snapshot = np.array(labels, copy=True)
+        """Tell the worker that ``labels`` (the scribble layer's own array) changed;
+        returns the version number. Nothing is copied here: a volume's copy takes
+        hundreds of ms, which the GUI thread must not wait for."""
         with self._lock:
-            self._labels = snapshot
+            self._labels = labels
             self.posted += 1
             return self.posted
 
     def take_labels(self) -> tuple[np.ndarray, int] | None:
-        """The latest snapshot not taken yet, with its version, or ``None``."""
+        """A copy of the labels last posted, with its version, or ``None`` if none
+        was posted since the last take.
+
+        The copy is made here, in the worker (NumPy lets the GUI run meanwhile), so
+        it holds every change made until now. A stroke painted during the copy may
+        come in part; its paint event posts again, so the next take holds it whole.
+        """
         with self._lock:
             labels, self._labels = self._labels, None
-            return None if labels is None else (labels, self.posted)
+            version = self.posted
+        return None if labels is None else (np.array(labels, copy=True), version)
 
     def has_new_labels(self) -> bool:
         """Whether a label snapshot or a training-set change is waiting."""
