@@ -420,17 +420,24 @@ def test_channels_named_in_the_file_need_no_channel_axis(
     np.testing.assert_array_equal(named[1, 2], expected[0])
 
 
-@pytest.mark.parametrize("shape", [(70, 90), (3, 70, 90), (2, 3, 2, 70, 90)])
-def test_zarr_results_have_the_shape_of_the_tif_results(
-    make_classifier, rng, tmp_path, shape
-) -> None:
-    # A 2D image, a (Z, Y, X) stack and a (T, Z, C, Y, X) series (channel axis 2).
+def _saved_image(make_classifier, rng, tmp_path: Path, shape: tuple[int, ...]):
+    """A random image of ``shape`` saved as ``image.npy`` (channel axis 2 for 5D),
+    with its channel axis and a 3-class classifier for it."""
     channel_axis = 2 if len(shape) == 5 else None
     image = rng.integers(0, 4000, shape, dtype=np.uint16)
     np.save(tmp_path / "image.npy", image)
     classifier = make_classifier(
         as_channels_first(image, channel_axis), num_classes=3, seed=2
     )
+    return channel_axis, classifier
+
+
+@pytest.mark.parametrize("shape", [(70, 90), (3, 70, 90), (2, 3, 2, 70, 90)])
+def test_zarr_results_have_the_shape_of_the_tif_results(
+    make_classifier, rng, tmp_path, shape
+) -> None:
+    # A 2D image, a (Z, Y, X) stack and a (T, Z, C, Y, X) series (channel axis 2).
+    channel_axis, classifier = _saved_image(make_classifier, rng, tmp_path, shape)
     outputs = Outputs(probabilities=True, uncertainty=True)
     for name in ("out.tif", "out.zarr"):
         predict_file(
@@ -455,12 +462,7 @@ def test_results_held_in_memory_equal_those_streamed_through_a_store(
     make_classifier, rng, tmp_path, monkeypatch, shape
 ) -> None:
     """Small results skip the scratch zarr store; the files are the same."""
-    channel_axis = 2 if len(shape) == 5 else None
-    image = rng.integers(0, 4000, shape, dtype=np.uint16)
-    np.save(tmp_path / "image.npy", image)
-    classifier = make_classifier(
-        as_channels_first(image, channel_axis), num_classes=3, seed=2
-    )
+    channel_axis, classifier = _saved_image(make_classifier, rng, tmp_path, shape)
     stores, create_store = [], large._create_store
     monkeypatch.setattr(
         large, "_create_store", lambda *a: stores.append(a) or create_store(*a)

@@ -451,26 +451,29 @@ class MergedPlanes:
             self.array[plane] = values[(*(slice(None) for _ in head), offset)]
 
 
-def _result_dtypes(classifier: Classifier, outputs: Outputs) -> dict[str, np.dtype]:
-    """The dtype of each result ``outputs`` asks for, the classes first."""
-    dtypes = {"classes": np.dtype(class_dtype(classifier.num_classes))}
+def _result_layouts(
+    classifier: Classifier, spatial: tuple[int, ...], outputs: Outputs
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each result ``outputs`` asks for, the classes first, for
+    an image of ``spatial`` shape (without channels); the probabilities put the
+    classes first."""
+    layouts = {"classes": (spatial, np.dtype(class_dtype(classifier.num_classes)))}
     if outputs.probabilities:
-        dtypes["probabilities"] = np.dtype(np.float32)
+        layouts["probabilities"] = (
+            (classifier.num_classes, *spatial),
+            np.dtype(np.float32),
+        )
     if outputs.uncertainty:
-        dtypes["uncertainty"] = np.dtype(np.float32)
-    return dtypes
+        layouts["uncertainty"] = (spatial, np.dtype(np.float32))
+    return layouts
 
 
 def _results_bytes(
     classifier: Classifier, spatial: tuple[int, ...], outputs: Outputs
 ) -> int:
     """Bytes of every result for an image of ``spatial`` shape (without channels)."""
-    pixels = int(np.prod(spatial))
-    sizes = {"probabilities": classifier.num_classes}
-    return sum(
-        pixels * sizes.get(name, 1) * dtype.itemsize
-        for name, dtype in _result_dtypes(classifier, outputs).items()
-    )
+    layouts = _result_layouts(classifier, spatial, outputs).values()
+    return sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in layouts)
 
 
 def _results_in_memory(
@@ -479,11 +482,8 @@ def _results_in_memory(
     """:func:`_create_store`'s arrays as NumPy arrays, for results small next to the
     memory budget: a scratch zarr store costs tens of ms per file, which a folder of
     small images pays many times over."""
-    shapes = {"probabilities": (classifier.num_classes, *spatial)}
-    return {
-        name: np.zeros(shapes.get(name, spatial), dtype)
-        for name, dtype in _result_dtypes(classifier, outputs).items()
-    }
+    layouts = _result_layouts(classifier, spatial, outputs).items()
+    return {name: np.zeros(shape, dtype) for name, (shape, dtype) in layouts}
 
 
 def _create_store(
@@ -501,15 +501,9 @@ def _create_store(
     *planes, height, width = spatial
     group = zarr.open_group(str(path), mode="w")
     chunks = (*(1 for _ in planes), min(tile, height), min(tile, width))
-    num_classes = classifier.num_classes
-    for name, dtype in _result_dtypes(classifier, outputs).items():
-        leading = (num_classes,) if name == "probabilities" else ()
-        group.create_array(
-            name,
-            shape=(*leading, *spatial),
-            chunks=(*leading, *chunks),
-            dtype=dtype,
-        )
+    for name, (shape, dtype) in _result_layouts(classifier, spatial, outputs).items():
+        leading = shape[: len(shape) - len(spatial)]  # the probabilities' classes
+        group.create_array(name, shape=shape, chunks=(*leading, *chunks), dtype=dtype)
     group.attrs.update(
         class_names=list(classifier.class_names),
         class_colors=[list(color) for color in classifier.colors()],
