@@ -11,6 +11,11 @@ For 512² and 1024² images (noisy blobs, simulated scribbles) and the default p
    runs until every tile of the view, then of the whole image, comes from a model
    that has trained on it.
 
+3. label snapshots of a volume (``VOLUME_SLICES`` x 1024 x 1024, strokes on a few
+   slices): the worker's time to take a posted snapshot (copy, checks, counts,
+   the stroke's centre, the training set's index), beside one count over every
+   pixel (``np.bincount``), which is what it used to cost at least.
+
 Targets on 2 CPU cores (issue 4): >= 5 steps/s; update -> 512² view <= 0.5 s;
 update -> whole 1024² image <= 2 s.
 
@@ -42,6 +47,7 @@ from tasks import Task, blobs
 
 TORCH_THREADS = 2
 VIEW = 512  # side of the visible region
+VOLUME_SLICES = 100
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,54 @@ def measure_live(size: int, repeats: int, seed: int) -> LiveTimes:
     return LiveTimes(size, view, whole)
 
 
+@dataclass(frozen=True)
+class SnapshotTimes:
+    """Seconds per label snapshot of a volume, and of one count over its pixels."""
+
+    shape: tuple[int, int, int]
+    snapshot: list[float]
+    count_every_pixel: float
+
+
+def measure_snapshots(slices: int, repeats: int, seed: int) -> SnapshotTimes:
+    """Post a stroke at a time on a volume; time the worker taking each snapshot."""
+    rng = np.random.default_rng(seed)
+    shape = (slices, 1024, 1024)
+    image = rng.random((1, *shape), dtype=np.float32)
+    labels = np.zeros(shape, np.uint8)
+    middle = slices // 2
+    labels[middle, 100:110, 100:400], labels[middle, 600:610, 100:400] = 1, 2
+    session, mailbox = LiveSession(image, ("a", "b")), Mailbox()
+    mailbox.post_labels(labels)
+    session.set_labels(*mailbox.take_labels())  # the first one builds the model
+    times = []
+    for _ in range(repeats):
+        z, row, col = int(rng.integers(slices)), *rng.integers(0, 1000, 2)
+        labels[z, row : row + 5, col : col + 20] = rng.integers(1, 3)  # a stroke
+        version = mailbox.post_labels(labels)
+        start = time.perf_counter()
+        snapshot, taken = mailbox.take_labels()
+        session.set_labels(snapshot, taken)
+        times.append(time.perf_counter() - start)
+        assert taken == version
+    count = _timed(np.bincount, labels.ravel())
+    return SnapshotTimes(shape, times, count)
+
+
+def format_snapshots(t: SnapshotTimes) -> str:
+    z, y, x = t.shape
+    return "\n".join(
+        [
+            "| volume | snapshot ms, median (max) | one count over every pixel ms "
+            "| snapshots |",
+            "| --- | --- | --- | --- |",
+            f"| {z} x {y} x {x} uint8 | {1e3 * np.median(t.snapshot):.0f} "
+            f"({1e3 * max(t.snapshot):.0f}) | {1e3 * t.count_every_pixel:.0f} "
+            f"| {len(t.snapshot)} |",
+        ]
+    )
+
+
 def format_tables(core: list[CoreTimes], live: list[LiveTimes]) -> str:
     lines = [
         "| image | steps/s | set_labels ms | step ms | 512² view ms | whole ms "
@@ -202,6 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="short run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=TORCH_THREADS)
+    parser.add_argument(
+        "--volume-slices",
+        type=int,
+        default=VOLUME_SLICES,
+        help="slices of the 1024 x 1024 volume whose label snapshots are timed",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = f"{os.getloadavg()[0]:.2f}"
@@ -211,12 +271,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"measuring {size}² ...", file=sys.stderr, flush=True)
         core.append(measure_core(size, seconds, repeats, args.seed))
         live.append(measure_live(size, repeats, args.seed))
+    print(f"measuring snapshots of {args.volume_slices} slices ...", file=sys.stderr)
+    snapshots = measure_snapshots(args.volume_slices, repeats, args.seed)
     print(
         f"torch {torch.__version__}, {args.threads} threads, preset "
         f"{DEFAULT_PRESET}; medians of {repeats} label updates; 1-min load "
         f"average {load_before} before, {os.getloadavg()[0]:.2f} after\n"
     )
     print(format_tables(core, live))
+    print()
+    print(format_snapshots(snapshots))
 
 
 if __name__ == "__main__":

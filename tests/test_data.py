@@ -15,6 +15,7 @@ from napari_dsparse.data import (
     class_counts,
     class_id_ranges,
     class_weights,
+    painted_classes,
     read_window,
 )
 
@@ -124,6 +125,25 @@ def test_class_weights_equalise_the_label_histogram() -> None:
     assert weights[1] == 0
     np.testing.assert_allclose(weighted[[0, 2]], [2.5, 2.5])
     assert weighted.sum() == pytest.approx(counts.sum())
+
+
+@pytest.mark.parametrize(
+    "shape, painted_slices",
+    [((40, 50), [0]), ((12, 30, 20), [3, 7, 11]), ((12, 30, 20), []), ((5,), [0])],
+)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int64])
+def test_counts_and_classes_equal_a_count_over_every_pixel(
+    shape, painted_slices, dtype, rng
+) -> None:
+    """Only painted slices are read: the counts must still be those of the whole."""
+    labels = np.zeros(shape, dtype)
+    for z in painted_slices:
+        part = labels[z] if len(shape) > 2 else labels
+        part[...] = rng.choice([0, 0, 0, 1, 3, 4], size=part.shape)
+    expected = [int((labels == k).sum()) for k in range(1, 5)]
+    np.testing.assert_array_equal(class_counts(labels, 4), expected)
+    present = [k for k in range(1, 5) if expected[k - 1]]
+    np.testing.assert_array_equal(painted_classes(labels), present)
 
 
 def test_normalisation_maps_percentiles_to_zero_and_one() -> None:

@@ -190,6 +190,21 @@ def test_the_pass_after_a_stroke_begins_at_the_stroke(rng) -> None:
     assert (update.box.r0, update.box.c0) == (512, 512)
 
 
+def test_the_stroke_centre_in_a_volume_is_the_median_of_every_change(rng) -> None:
+    """Only slices that changed are searched; the centre must be that of them all."""
+    image = as_channels_first(rng.normal(size=(9, 40, 50)).astype(np.float32))
+    labels = np.zeros((9, 40, 50), np.uint8)
+    labels[1, 2:5, 2:30], labels[1, 20:25, 5:40] = 1, 2
+    session = LiveSession(image, ("bg", "fg"))
+    session.set_labels(labels.copy(), 1)
+    labels[[2, 5, 6]] = rng.choice([0, 1, 2], p=[0.9, 0.05, 0.05], size=(3, 40, 50))
+    labels[1, 2, 2] = 0  # an erased pixel is a change too
+    before = session._labels
+    session.set_labels(labels.copy(), 2)
+    changed = np.nonzero(before != labels)
+    assert session.last_stroke == tuple(int(np.median(axis)) for axis in changed)
+
+
 def test_new_strokes_interrupt_the_preview(rng) -> None:
     session, _ = _session(rng)
     session.image = as_channels_first(rng.normal(size=(700, 700)).astype(np.float32))

@@ -32,6 +32,7 @@ __all__ = [
     "class_weights",
     "missing_classes",
     "painted_classes",
+    "painted_values",
     "read_window",
     "small_image_warning",
 ]
@@ -163,8 +164,21 @@ def painted_classes(labels: np.ndarray) -> np.ndarray:
 
     ``labels`` are validated (non-negative integers, see :func:`check_labels`).
     """
-    present = np.flatnonzero(np.bincount(labels.ravel()))
+    present = np.flatnonzero(np.bincount(painted_values(labels)))
     return present[present > 0]
+
+
+def painted_values(labels: np.ndarray) -> np.ndarray:
+    """The painted (non-zero) entries of validated ``labels``, flat.
+
+    Only the slices (first axis) that hold paint are read past a quick maximum: a
+    volume painted on a few slices costs little more than those slices.
+    """
+    if labels.size == 0:
+        return np.zeros(0, dtype=labels.dtype)
+    rows = labels.reshape(labels.shape[0], -1) if labels.ndim > 1 else labels[None]
+    painted = rows[np.flatnonzero(rows.max(1) > 0)]
+    return painted[painted > 0]
 
 
 def missing_classes(labels: np.ndarray) -> list[int]:
@@ -258,7 +272,7 @@ def _label_dtype(largest: int) -> type[np.integer]:
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Painted pixels per class 1..K, shape ``(K,)``."""
-    counts = np.bincount(labels.ravel(), minlength=num_classes + 1)
+    counts = np.bincount(painted_values(labels), minlength=num_classes + 1)
     return counts[1 : num_classes + 1]
 
 

@@ -503,10 +503,12 @@ def _centre_of_change(
     strokes), or ``None`` when nothing changed or there is nothing to compare."""
     if before is None or before.shape != after.shape:
         return None
-    changed = np.nonzero(before != after)
-    if not changed[0].size:
+    differs = before != after  # (Z, Y, X)
+    slices = np.flatnonzero(differs.reshape(differs.shape[0], -1).any(1))
+    if not slices.size:
         return None
-    return tuple(int(np.median(axis)) for axis in changed)
+    z, rows, cols = np.nonzero(differs[slices])  # only the slices that changed
+    return int(np.median(slices[z])), int(np.median(rows)), int(np.median(cols))
 
 
 def _nearest_first(boxes: Iterator[Box], near: tuple[int, int] | None) -> list[Box]:

@@ -23,7 +23,6 @@ from napari_dsparse.data import (
     Normalization,
     check_labels,
     check_layout,
-    class_counts,
 )
 
 __all__ = ["Crop", "Pair", "TrainingSet"]
@@ -80,7 +79,8 @@ def _index(pair: Pair, num_classes: int) -> _Index:
         plane = pair.labels[z]
         for k in np.unique(plane[plane > 0]):
             units[k - 1].append(_Unit(pair, int(z), np.argwhere(plane == k)))
-    return _Index(class_counts(pair.labels, num_classes), painted, units)
+    counts = np.array([sum(len(unit.pixels) for unit in k) for k in units], np.int64)
+    return _Index(counts, painted, units)
 
 
 class TrainingSet:
