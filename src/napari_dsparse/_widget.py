@@ -32,7 +32,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog
 
-from napari_dsparse.data import MAX_CLASSES, InputError, as_planes
+from napari_dsparse.data import MAX_CLASSES, InputError, as_planes, painted_values
 from napari_dsparse.export import frozen_copy, load_classifier, save_classifier
 from napari_dsparse.faults import Checkpoint, predict_fitting
 from napari_dsparse.live import (
@@ -623,7 +623,8 @@ class DsparseWidget(Container):
         """``name: class a 120, class b 45`` (and the painted slices of a stack)."""
         _image, scribbles = self._pairs[name]
         labels = np.asarray(scribbles.data)
-        counts = np.bincount(labels.ravel(), minlength=len(self.names()) + 1)[1:]
+        counts = np.bincount(painted_values(labels), minlength=len(self.names()) + 1)
+        counts = counts[1:]  # painted slices only: this runs on every stroke
         names = list(self.names()) + [
             f"class {k}" for k in range(len(self.names()) + 1, len(counts) + 1)
         ]
