@@ -32,7 +32,13 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog
 
-from napari_dsparse.data import MAX_CLASSES, InputError, as_planes, painted_values
+from napari_dsparse.data import (
+    MAX_CLASSES,
+    InputError,
+    as_planes,
+    class_counts,
+    painted_slices,
+)
 from napari_dsparse.export import frozen_copy, load_classifier, save_classifier
 from napari_dsparse.faults import Checkpoint, predict_fitting
 from napari_dsparse.live import (
@@ -623,8 +629,8 @@ class DsparseWidget(Container):
         """``name: class a 120, class b 45`` (and the painted slices of a stack)."""
         _image, scribbles = self._pairs[name]
         labels = np.asarray(scribbles.data)
-        counts = np.bincount(painted_values(labels), minlength=len(self.names()) + 1)
-        counts = counts[1:]  # painted slices only: this runs on every stroke
+        num_classes = max(len(self.names()), int(labels.max(initial=0)))
+        counts = class_counts(labels, num_classes)  # reads painted slices only
         names = list(self.names()) + [
             f"class {k}" for k in range(len(self.names()) + 1, len(counts) + 1)
         ]
@@ -632,7 +638,7 @@ class DsparseWidget(Container):
             f"{label} {count}" for label, count in zip(names, counts, strict=False)
         )
         if labels.ndim == 3:
-            painted = int(labels.reshape(labels.shape[0], -1).any(1).sum())
+            painted = len(painted_slices(labels))
             text += f" ({painted} of {labels.shape[0]} slices)"
         return text
 

@@ -32,6 +32,7 @@ __all__ = [
     "class_weights",
     "missing_classes",
     "painted_classes",
+    "painted_slices",
     "painted_values",
     "read_window",
     "small_image_warning",
@@ -177,8 +178,13 @@ def painted_values(labels: np.ndarray) -> np.ndarray:
     if labels.size == 0:
         return np.zeros(0, dtype=labels.dtype)
     rows = labels.reshape(labels.shape[0], -1) if labels.ndim > 1 else labels[None]
-    painted = rows[np.flatnonzero(rows.max(1) > 0)]
+    painted = rows[painted_slices(rows)]
     return painted[painted > 0]
+
+
+def painted_slices(labels: np.ndarray) -> np.ndarray:
+    """Indices along the first axis of the slices with a painted (non-zero) pixel."""
+    return np.flatnonzero(labels.reshape(labels.shape[0], -1).any(1))
 
 
 def missing_classes(labels: np.ndarray) -> list[int]:

@@ -23,6 +23,7 @@ from napari_dsparse.data import (
     Normalization,
     check_labels,
     check_layout,
+    painted_slices,
 )
 
 __all__ = ["Crop", "Pair", "TrainingSet"]
@@ -40,7 +41,7 @@ class Pair:
     @property
     def painted_slices(self) -> np.ndarray:
         """Indices of the slices (time points) with at least one painted pixel."""
-        return np.flatnonzero(self.labels.reshape(self.labels.shape[0], -1).any(1))
+        return painted_slices(self.labels)
 
 
 @dataclass(frozen=True)
