@@ -34,3 +34,39 @@ def test_core_import_leaves_gui_modules_unloaded() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "", f"core imports pulled: {result.stdout}"
+
+
+EARLY_IMPORT_PROBE = """
+import sys
+import numpy as np
+from napari_dsparse import train
+from napari_dsparse.data import Normalization
+from napari_dsparse.model import Classifier
+
+print("before", "torch._dynamo" in sys.modules)
+train.import_optimizer_early()
+thread = train._early_import
+print("thread", thread.name, thread.is_alive())
+image = np.random.default_rng(0).normal(size=(1, 1, 32, 32)).astype(np.float32)
+labels = np.zeros((32, 32), np.uint8)
+labels[2:6, 2:20], labels[20:24, 8:30] = 1, 2
+classifier = Classifier.create(1, ("a", "b"), Normalization.from_image(image), "fast")
+trainer = train.Trainer(classifier, image, labels)
+trainer.step()
+print("after", "torch._dynamo" in sys.modules)
+"""
+
+
+def test_the_optimizer_import_starts_early_in_a_background_thread() -> None:
+    """``import_optimizer_early`` imports ``torch._dynamo`` off the calling thread,
+    and a trainer built while it runs still trains."""
+    result = subprocess.run(
+        [sys.executable, "-c", EARLY_IMPORT_PROBE],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    before, thread, after = result.stdout.splitlines()
+    assert before == "before False"
+    assert thread == "thread napari-dsparse early import True"
+    assert after == "after True"

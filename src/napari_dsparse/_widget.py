@@ -69,7 +69,7 @@ from napari_dsparse.session import (
     restore_session,
     save_session,
 )
-from napari_dsparse.train import TrainConfig, TrainStatus
+from napari_dsparse.train import TrainConfig, TrainStatus, import_optimizer_early
 
 UPDATE_ONCE_SECONDS = 2.0
 MAX_CHANNELS = 16  # a 3D layer with at most this many planes may be channels
@@ -213,6 +213,7 @@ class DsparseWidget(Container):
         super().__init__(widgets=self._controls())
         self._connect()
         self._select_defaults()
+        import_optimizer_early()  # so that the first Train does not wait for it
 
     # -- construction ---------------------------------------------------------
 

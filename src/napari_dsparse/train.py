@@ -11,6 +11,10 @@ worker all drive; a new label snapshot can be sent into it between steps.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import sys
+import threading
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, replace
@@ -25,7 +29,14 @@ from napari_dsparse.model import Classifier
 from napari_dsparse.prior import estimate_image_prior, log_prior_ratio
 from napari_dsparse.training_set import Pair, TrainingSet
 
-__all__ = ["TrainConfig", "TrainStatus", "Trainer", "TrainingDiverged", "iter_train"]
+__all__ = [
+    "TrainConfig",
+    "TrainStatus",
+    "Trainer",
+    "TrainingDiverged",
+    "import_optimizer_early",
+    "iter_train",
+]
 
 StepMode = Literal["crops", "whole"]
 DEFAULT_PAIR = "image"  # the name of the pair given to ``Trainer(...)``
@@ -36,6 +47,32 @@ _PRIOR_WINDOWS = 64
 _PRIOR_WINDOW = 16
 PRIOR_PIXELS = _PRIOR_WINDOWS * _PRIOR_WINDOW**2
 _PRIOR_CROPS = 512
+# torch.optim imports this (about 1 s on 2 cores) when the first optimiser is built.
+_OPTIMIZER_IMPORT = "torch._dynamo"
+_early_import: threading.Thread | None = None
+
+
+def import_optimizer_early() -> None:
+    """Start importing, in a background thread, what the first optimiser imports.
+
+    Building the first ``torch.optim`` optimiser of a process imports
+    ``torch._dynamo``, about 1 s on 2 cores. The widget calls this when it opens, so
+    that the person's first Train does not wait for it. An optimiser built meanwhile
+    waits for the same import (Python's import lock); a failed import is left to
+    the optimiser, which then raises it where it belongs.
+    """
+    global _early_import
+    if _early_import is not None or _OPTIMIZER_IMPORT in sys.modules:
+        return
+    _early_import = threading.Thread(
+        target=_import_quietly, name="napari-dsparse early import", daemon=True
+    )
+    _early_import.start()
+
+
+def _import_quietly() -> None:
+    with contextlib.suppress(Exception):
+        importlib.import_module(_OPTIMIZER_IMPORT)
 
 
 class TrainingDiverged(RuntimeError):

@@ -50,3 +50,14 @@ def test_the_demo_starts_live_training(make_napari_viewer, qtbot) -> None:
     assert widget.training
     widget.stop()
     qtbot.waitUntil(lambda: not widget._worker.is_running, timeout=2_000)
+
+
+def test_the_widget_starts_the_optimizer_import_as_it_opens(
+    make_napari_viewer, monkeypatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(
+        "napari_dsparse._widget.import_optimizer_early", lambda: calls.append("import")
+    )
+    DsparseWidget(make_napari_viewer())
+    assert calls == ["import"]
