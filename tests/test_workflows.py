@@ -405,3 +405,34 @@ def test_a_failed_file_is_named_once_on_its_line(tmp_path) -> None:
         f"failed: cannot read {broken}: not a TIFF file",
         f"failed: {nan}: the image holds NaN or Inf",
     ]
+
+
+def test_predict_many_counts_the_pixels_and_decodes_each_picture_once(
+    files, capsys, monkeypatch
+) -> None:
+    """The summary's pixels are every slice's of every file written; a PNG is
+    decoded once (its pixel count comes from the result, not a second read)."""
+    from napari_dsparse import large
+    from napari_dsparse.workflows import predict_many
+
+    model = files / "model.pt"
+    code, _, err = run(
+        capsys, "train", files / "image.tif", files / "labels.npy", "-o", model,
+        "--steps", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    image = tifffile.imread(files / "image.tif")
+    Image.fromarray(image.astype(np.uint8)).save(files / "flat.png")
+    volume = np.stack([image] * 4)
+    tifffile.imwrite(files / "volume.tif", volume, photometric="minisblack")
+    decoded = []
+    read_picture = large.read_picture
+    monkeypatch.setattr(
+        large, "read_picture", lambda path: decoded.append(path) or read_picture(path)
+    )
+    summary = predict_many(
+        model, [files / "flat.png", files / "volume.tif"], files / "out", progress=False
+    )
+    assert not summary.failed and len(summary.written) == 2
+    assert summary.pixels == image.size + volume.size
+    assert decoded == [files / "flat.png"]

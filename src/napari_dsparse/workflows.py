@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from tqdm import tqdm
 
 from napari_dsparse import __version__
@@ -45,10 +46,8 @@ from napari_dsparse.large import (
     OUTPUT_SUFFIXES,
     TILE_MULTIPLE,
     Outputs,
-    open_lazy,
     predict_file,
     progress_bar,
-    resolve_channel_axis,
     result_paths,
     smallest_tile_memory,
 )
@@ -538,7 +537,7 @@ def predict_many(
                         progress=tiles,
                         scheduler=scheduler,
                     )
-                pixels = _pixels(classifier, image_path, channel_axis)
+                pixels = _pixels_written(classes_path)
             except InputError as error:
                 summary.failed.append((image_path, str(error)))
             else:
@@ -569,8 +568,14 @@ def _memory_warning(memory: int, need: int, halo: int) -> str:
     )
 
 
-def _pixels(classifier: Classifier, image_path: Path, channel_axis: int | None) -> int:
-    """Pixels of every slice of an image file (its shape only, read lazily)."""
-    raw = open_lazy(image_path)
-    axis = resolve_channel_axis(classifier, image_path, raw.shape, channel_axis)
-    return int(np.prod(as_channels_first(raw, axis).shape[1:]))
+def _pixels_written(classes_path: Path) -> int:
+    """Pixels of every slice of a classes result, from its header: the image itself
+    is not read again (a PNG or JPEG would be decoded a second time)."""
+    if classes_path.name.lower().endswith(".zarr"):
+        import zarr
+
+        shape = zarr.open_group(str(classes_path), mode="r")["classes"].shape
+    else:
+        with tifffile.TiffFile(classes_path) as tif:
+            shape = tif.series[0].shape
+    return int(np.prod(shape))
