@@ -436,3 +436,7 @@ def test_predict_many_counts_the_pixels_and_decodes_each_picture_once(
     assert not summary.failed and len(summary.written) == 2
     assert summary.pixels == image.size + volume.size
     assert decoded == [files / "flat.png"]
+    into_zarr = predict_many(
+        model, [files / "volume.tif"], files / "volume.zarr", progress=False
+    )
+    assert into_zarr.pixels == volume.size

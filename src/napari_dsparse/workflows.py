@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from tqdm import tqdm
 
 from napari_dsparse import __version__
@@ -46,6 +45,7 @@ from napari_dsparse.large import (
     OUTPUT_SUFFIXES,
     TILE_MULTIPLE,
     Outputs,
+    open_lazy,
     predict_file,
     progress_bar,
     result_paths,
@@ -571,11 +571,6 @@ def _memory_warning(memory: int, need: int, halo: int) -> str:
 def _pixels_written(classes_path: Path) -> int:
     """Pixels of every slice of a classes result, from its header: the image itself
     is not read again (a PNG or JPEG would be decoded a second time)."""
-    if classes_path.name.lower().endswith(".zarr"):
-        import zarr
-
-        shape = zarr.open_group(str(classes_path), mode="r")["classes"].shape
-    else:
-        with tifffile.TiffFile(classes_path) as tif:
-            shape = tif.series[0].shape
-    return int(np.prod(shape))
+    in_zarr = classes_path.name.lower().endswith(".zarr")
+    result = open_lazy(classes_path / "classes" if in_zarr else classes_path)
+    return int(np.prod(result.shape))
